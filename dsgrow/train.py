@@ -1,0 +1,402 @@
+"""The training loop: recipe -> data -> DeepSpeed engine -> steps, evaluation, checkpoints, export.
+
+Everything the loop decides is a function of tokens seen (LR, when to evaluate, when to
+checkpoint), and the only state a resumed run needs is that counter, the data position, the
+engine's checkpoint and the RNG states.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import __version__
+from .config import ConfigError, Recipe, load_recipe
+from .families.spec import ModelSpec
+from .schedules.flops import flops_per_token
+from .schedules.lr import warmup_cosine
+
+# Fields that may change when a run is resumed; anything else would silently train another run.
+RESUMABLE_CHANGES = {"name", "out", "export_hf", "train.eval_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.log_every"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSGROW_CACHE_DIR", Path.home() / ".cache" / "dsgrow"))
+
+
+@dataclass
+class Data:
+    tokenizer: object
+    train: torch.Tensor
+    val: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+def prepare_data(recipe: Recipe, rank: int) -> Data:
+    """Rank 0 trains the tokenizer and packs the blocks into the cache; the other ranks then read
+    the cache. An error on rank 0 is sent to every rank so that all stop with the same line."""
+    from .data import build_blocks, load_documents, train_or_load_tokenizer
+    from .engine.runtime import barrier, broadcast_object
+
+    d, t = recipe.data, recipe.train
+
+    def build() -> Data:
+        docs = load_documents(d.source, d.paths)
+        tok = train_or_load_tokenizer(docs, d.vocab_size, cache_dir() / "tokenizers", model_type=d.tokenizer_type,
+                                      seed=t.seed)
+        train, val, info = build_blocks(docs, tok, t.seq_len, d.val_fraction, t.seed, cache_dir() / "blocks")
+        return Data(tok, train, val, info)
+
+    err, data = None, None
+    if rank == 0:
+        try:
+            data = build()
+        except (ValueError, FileNotFoundError) as e:
+            err = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+    err = broadcast_object(err)
+    if err:
+        raise ConfigError(err)
+    barrier()
+    if data is None:
+        data = build()  # a cache hit on every rank but 0
+    need = t.eval_samples
+    if len(data.val) < need:
+        raise ConfigError(f"train.eval_samples ({need}) exceeds the validation split's {len(data.val)} blocks "
+                          f"of {t.seq_len} tokens (lower it, or raise data.val_fraction)")
+    return data
+
+
+class MetricsLog:
+    """Tensorboard scalars and a JSONL line per record, rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        self.jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.jsonl = open(out / "metrics.jsonl", "a")
+
+    def log(self, record: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_recipe(saved: dict, current: dict) -> None:
+    a, b = _flat(saved), _flat(current)
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES or key.startswith("model.vocab_size"):
+            continue
+        if a.get(key) != b.get(key):
+            raise ConfigError(f"--resume: recipe field {key} is {b.get(key)!r} but the checkpoint was trained with "
+                              f"{a.get(key)!r}")
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, ds_config_path: str, resume: bool = False):
+        from .engine import checkpoint as ckpt
+        from .engine.ds_config import fill_ds_config, read_ds_config, resolve_precision, zero_stage
+        from .engine.runtime import ModelHandle, build_engine, has_gpu, init_distributed
+
+        self.recipe = recipe
+        t = recipe.train
+        ds_raw = read_ds_config(ds_config_path)
+        zero_stage(ds_raw)
+        self.rank, self.world, _ = init_distributed()
+        self.precision = resolve_precision(t.precision, has_gpu())
+        self.ds_cfg = fill_ds_config(ds_raw, t, self.world, self.precision)
+        self.zero_stage = zero_stage(self.ds_cfg)
+        self.out = Path(recipe.out)
+        self.ckroot = self.out / "checkpoints"
+        tag = ckpt.resolve_resume(self.ckroot, resume)
+        self.resume_state = None
+        if tag is not None:
+            self.resume_state = ckpt.verify(self.ckroot, tag, self.world)
+            check_resume_recipe(self.resume_state["recipe"], recipe.to_dict())
+            self.resume_tag = tag
+
+        self.data = prepare_data(recipe, self.rank)
+        self.spec: ModelSpec = recipe.model.with_vocab(self.data.tokenizer.vocab_size)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        self.handle = ModelHandle(self.spec, self.ds_cfg, t.seed)
+        self.engine = build_engine(self.handle.model, self.ds_cfg, t.lr, t.betas, t.eps, t.weight_decay)
+        self.device = self.engine.device
+
+        from .data import SampleStream
+
+        self.stream = SampleStream(len(self.data.train), t.seed)
+        self.tokens = 0
+        self.step = 0
+        self.wall_before = 0.0  # wall time of earlier (pre-resume) segments
+        self.last_val: Optional[float] = None
+        if self.resume_state is not None:
+            ckpt.load(self.engine, self.ckroot, self.resume_tag)
+            st = self.resume_state
+            self.stream.load_state_dict(st["stream"])
+            self.tokens, self.step, self.wall_before = st["tokens"], st["step"], st["wall_time"]
+            self.last_val = st.get("val_loss")
+        self.flops_per_token = flops_per_token(self.spec, t.seq_len)
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def _batch(self, idx: torch.Tensor, position: int):
+        from .data import mlm_mask
+
+        x = self.data.train[idx]
+        if self.spec.family == "bert":
+            inputs, labels = mlm_mask(x, self.data.tokenizer, self.recipe.data.mlm_probability,
+                                      seed=self.recipe.train.seed, position=position)
+            return {"input_ids": inputs.to(self.device), "labels": labels.to(self.device)}
+        x = x.to(self.device)
+        return {"input_ids": x, "labels": x}
+
+    def train_step(self) -> torch.Tensor:
+        from .data import shard
+
+        t = self.recipe.train
+        position = self.stream.position
+        mine = shard(self.stream.next_indices(t.global_batch), self.rank, self.world)
+        gas = len(mine) // t.micro_batch
+        total = torch.zeros((), device=self.device)
+        for k in range(gas):
+            # The global sample position of this micro-batch's first sample seeds its MLM mask.
+            first = position + self.rank * len(mine) + k * t.micro_batch
+            batch = self._batch(mine[k * t.micro_batch:(k + 1) * t.micro_batch], first)
+            loss = self.engine(**batch).loss
+            self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+            self.engine.step()          # applies the optimizer on the accumulation boundary only
+            total += loss.detach().float()
+        return total / gas
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from .data import mlm_mask, shard
+
+        t = self.recipe.train
+        self.engine.eval()
+        idx = shard(torch.arange(t.eval_samples), self.rank, self.world)
+        losses = []
+        for k in range(0, len(idx), t.micro_batch):
+            x = self.data.val[idx[k:k + t.micro_batch]]
+            if self.spec.family == "bert":
+                # A fixed mask per sample keeps evaluations comparable across time and runs.
+                inputs, labels = mlm_mask(x, self.data.tokenizer, self.recipe.data.mlm_probability,
+                                          seed=t.seed + 1, position=int(idx[k]))
+                out = self.engine(input_ids=inputs.to(self.device), labels=labels.to(self.device))
+            else:
+                x = x.to(self.device)
+                out = self.engine(input_ids=x, labels=x)
+            losses.append(float(out.loss.float()) * len(x))  # weighted: the last chunk may be short
+        self.engine.train()
+        from .engine.runtime import all_mean
+
+        return all_mean(sum(losses) / len(idx))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from .engine.runtime import all_mean, local_param_fraction, set_lr
+
+        t = self.recipe.train
+        total_steps = t.total_steps
+        log = MetricsLog(self.out, self.rank == 0)
+        bar = None
+        if self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=None)
+        say = bar.write if bar is not None else print
+        if self.rank == 0:
+            say(f"dsgrow {__version__}: {self.spec.family} {self.spec.layers}x{self.spec.hidden} "
+                f"({self.spec.n_params(True) / 1e6:.2f}M params), vocab {self.spec.vocab_size}, ZeRO-{self.zero_stage}, "
+                f"{self.world} rank(s), {self.precision}, {t.tokens:,} tokens in {total_steps} steps"
+                + (f", resumed at step {self.step}" if self.step else ""))
+        if self.step == 0:
+            self.last_val = self.evaluate()
+            if self.rank == 0:
+                log.log({"step": 0, "tokens": 0, "val_loss": self.last_val}, 0)
+        start = time.perf_counter()
+        window_loss = torch.zeros((), device=self.device)
+        window_steps, window_t0, window_tok0 = 0, time.perf_counter(), self.tokens
+        train_loss = float("nan")
+        tokens_at_start = self.tokens
+        while self.step < total_steps:
+            lr = warmup_cosine(self.tokens + t.tokens_per_step, t.tokens, t.lr, t.warmup_tokens, t.min_lr_ratio)
+            set_lr(self.engine, lr)
+            loss = self.train_step()
+            prev = self.tokens
+            self.tokens += t.tokens_per_step
+            self.step += 1
+            window_loss += loss  # stays on the device: no host sync until the next log line
+            window_steps += 1
+            if bar is not None:
+                bar.update(1)
+            last = self.step == total_steps
+            if self.step % t.log_every == 0 or last:
+                # Only the logged step's loss is synchronised: a per-step all-reduce costs speed.
+                train_loss = all_mean(float(window_loss) / window_steps)
+                now = time.perf_counter()
+                rec = {"step": self.step, "tokens": self.tokens, "loss": train_loss, "lr": lr,
+                       "flops": self.tokens * self.flops_per_token, "batch_size": t.global_batch,
+                       "tokens_per_s": (self.tokens - window_tok0) / max(now - window_t0, 1e-9)}
+                log.log(rec, self.step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
+                window_loss = torch.zeros((), device=self.device)
+                window_steps, window_t0, window_tok0 = 0, now, self.tokens
+            if (t.eval_every and self.tokens // t.eval_every > prev // t.eval_every) or last:
+                self.last_val = self.evaluate()
+                log.log({"step": self.step, "tokens": self.tokens, "val_loss": self.last_val}, self.step)
+                if self.rank == 0:
+                    say(f"step {self.step}/{total_steps}  tokens {self.tokens:,}  train loss {train_loss:.4f}  "
+                        f"val loss {self.last_val:.4f}")
+            if (t.checkpoint_every and self.tokens // t.checkpoint_every > prev // t.checkpoint_every) or last:
+                self.save(time.perf_counter() - start)
+        if bar is not None:
+            bar.close()
+        wall = self.wall_before + (time.perf_counter() - start)
+        summary = {
+            "name": self.recipe.name, "family": self.spec.family, "params": self.spec.n_params(True),
+            "train_loss": train_loss, "val_loss": self.last_val, "tokens": self.tokens,
+            "flops": self.tokens * self.flops_per_token, "steps": self.step,
+            "tokens_per_s": (self.tokens - tokens_at_start) / max(time.perf_counter() - start, 1e-9),
+            "wall_time_s": wall, "world_size": self.world, "zero_stage": self.zero_stage,
+            "precision": self.precision, "local_param_fraction": local_param_fraction(self.engine.module),
+        }
+        if self.recipe.export_hf:
+            summary["exported_to"] = str(self.export())
+        if self.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            say(format_summary(summary))
+        log.close()
+        return summary
+
+    def save(self, elapsed: float) -> None:
+        from .engine import checkpoint as ckpt
+
+        state = {"tokens": self.tokens, "step": self.step, "stream": self.stream.state_dict(),
+                 "wall_time": self.wall_before + elapsed, "val_loss": self.last_val,
+                 "world_size": self.world, "zero_stage": self.zero_stage, "recipe": self.recipe.to_dict(),
+                 "spec": self.spec.to_dict(), "dsgrow_version": __version__}
+        ckpt.save(self.engine, self.ckroot, f"step{self.step}", state, self.recipe.train.keep_checkpoints)
+
+    def export(self) -> Path:
+        """Final fp32 weights as a Hugging Face folder (safetensors + tokenizer), written atomically."""
+        from .engine.runtime import barrier, gather_fp32_state_dict, hf_model_class
+
+        sd = gather_fp32_state_dict(self.engine)
+        dest = self.out / "final_model"
+        if self.rank == 0:
+            import shutil
+
+            model = hf_model_class(self.spec).from_config(self.spec.to_hf_config())
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            tied = set(getattr(model, "_tied_weights_keys", None) or [])
+            if unexpected or any(k not in tied and not k.endswith("lm_head.weight") and "decoder.weight" not in k
+                                 for k in missing):
+                raise RuntimeError(f"export: state dict mismatch, missing {missing}, unexpected {unexpected}")
+            tmp = self.out / f".final_model.tmp{os.getpid()}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            model.save_pretrained(str(tmp))  # transformers 5 always writes safetensors
+            self.data.tokenizer.save_hf(str(tmp))
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        barrier()
+        return dest
+
+    def close(self) -> None:
+        from .engine.runtime import destroy_engine
+
+        destroy_engine(self.engine)
+        self.engine = None
+
+
+def format_summary(s: dict) -> str:
+    lines = ["", "== dsgrow run summary ==",
+             f"model         {s['family']}, {s['params'] / 1e6:.2f}M params, ZeRO-{s['zero_stage']}, "
+             f"{s['world_size']} rank(s), {s['precision']}",
+             f"train loss    {s['train_loss']:.4f}",
+             f"val loss      {s['val_loss']:.4f}  (ppl {math.exp(min(s['val_loss'], 50)):.1f})",
+             f"tokens        {s['tokens']:,} in {s['steps']} steps",
+             f"FLOPs         {s['flops']:.3e}",
+             f"tokens/s      {s['tokens_per_s']:,.0f}",
+             f"wall time     {s['wall_time_s']:.1f} s"]
+    if "exported_to" in s:
+        lines.append(f"HF model      {s['exported_to']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`launchers/pretrain.py` and `dsgrow train` both land here."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="pretrain", description="dsgrow pretraining on DeepSpeed")
+    p.add_argument("--ds_config", "--ds-config", dest="ds_config", default=str(default_ds_config()),
+                   help="DeepSpeed engine config (ds_configs/*.json); 'auto' fields come from the recipe")
+    p.add_argument("--recipe", default=None, help="YAML recipe (default: the embedded tiny CPU demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--out", default=None, help="output folder (overrides the recipe's 'out')")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    recipe_path = args.recipe
+    if args.resume and recipe_path is None and args.out and (Path(args.out) / "recipe.yaml").is_file():
+        recipe_path = str(Path(args.out) / "recipe.yaml")  # resume what that folder trained
+    try:
+        recipe = load_recipe(recipe_path, args.overrides, args.out)
+        trainer = Trainer(recipe, args.ds_config, resume=args.resume)
+        trainer.run()
+        trainer.close()
+    except ValueError as e:  # ConfigError, SpecError, DataError, CheckpointError: one line, no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dsgrow: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def default_ds_config() -> Path:
+    """ds_configs/zero2.json of a source checkout; the packaged copy otherwise."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "ds_configs" / "zero2.json", here / "ds_configs" / "zero2.json"):
+        if cand.is_file():
+            return cand
+    return here.parent / "ds_configs" / "zero2.json"
