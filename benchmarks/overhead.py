@@ -62,7 +62,7 @@ def plain_loop(recipe, data, ds_cfg, steps: int, window: int) -> list[float]:
         if step % window == 0:
             float(loss)  # the same host sync dsgrow does at a log line
             now = time.perf_counter()
-            rates.append(window * t.tokens_per_step / (now - t0))
+            rates.append(window * t.global_batch * t.seq_len / (now - t0))
             t0 = now
     engine.destroy()
     return rates
@@ -74,7 +74,7 @@ def dsgrow_loop(recipe_path, overrides, ds_config, steps: int, window: int) -> l
 
     with tempfile.TemporaryDirectory() as out:
         recipe = load_recipe(recipe_path, overrides, out=out)
-        recipe.train.tokens = steps * recipe.train.tokens_per_step
+        recipe.train.resolve_tokens(steps * recipe.train.global_batch * recipe.train.seq_len)
         recipe.train.eval_every = 0
         recipe.train.checkpoint_every = 0
         recipe.train.log_every = window

@@ -74,14 +74,32 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    tokens: Union[int, str] = "1M"
-    """Training tokens of the run (K/M/B suffixes allowed)."""
+    tokens: Union[int, str, float, None] = None
+    """Training tokens of the run (K/M/B suffixes allowed), or a fraction (<= 1.0) of `budget`;
+    None with a budget: the whole budget."""
     seq_len: int = 128
     """Tokens per sample (block length)."""
     micro_batch: int = 8
     """Samples per rank per forward/backward."""
     global_batch: int = 32
-    """Samples per optimizer step, over all ranks and accumulation steps."""
+    """Samples per optimizer step, over all ranks and accumulation steps (the base batch that
+    train.lr is tuned for when a batch schedule or adaptive batch is used)."""
+    batch_schedule: Union[int, str, dict, list, None] = None
+    """Global batch as a function of tokens seen: 64, "0:32 2M:64 8M:128", or
+    {type: ramp|steps|grow_instead_of_decay, ...} (dsgrow/schedules/batch.py). None: global_batch."""
+    lr_scaling: str = "none"
+    """LR rule when the batch differs from global_batch: linear, sqrt or none."""
+    lr_schedule: str = "cosine"
+    """cosine (warmup + cosine to min_lr_ratio) or constant (warmup, then flat; the schedule for
+    grow_instead_of_decay, whose decay points are the LR schedule)."""
+    noise_scale: bool = False
+    """Measure the gradient noise scale B_simple (McCandlish et al.) and log it."""
+    noise_scale_every: int = 1
+    """Optimizer steps between noise-scale measurements."""
+    noise_scale_beta: float = 0.95
+    """EMA factor of the noise-scale estimates."""
+    adaptive_batch: Optional[dict] = None
+    """{min, max, granularity, every, scale}: follow the measured noise scale (implies noise_scale)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -97,6 +115,9 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
     seed: int = 1234
+    init_from: Optional[str] = None
+    """A local HF model directory whose weights start the run (a grown model, continued
+    pretraining); its architecture must be the recipe's model. None: random init from `seed`."""
     eval_every: Union[int, str] = "250K"
     """Evaluate on the validation split every this many tokens (and at the end)."""
     eval_samples: int = 64
@@ -109,25 +130,23 @@ class TrainConfig:
     """Optimizer steps between metric lines."""
 
     def __post_init__(self) -> None:
-        self.tokens = parse_count(self.tokens, "train.tokens")
+        if isinstance(self.tokens, float) and 0.0 < self.tokens <= 1.0:
+            pass  # a fraction of the recipe's budget; resolved by Recipe
+        elif self.tokens is not None:
+            self.tokens = parse_count(self.tokens, "train.tokens")
         self.eval_every = parse_count(self.eval_every, "train.eval_every")
         self.checkpoint_every = parse_count(self.checkpoint_every, "train.checkpoint_every")
-        wt = self.warmup_tokens
-        if isinstance(wt, float) and 0.0 <= wt < 1.0:
-            self.warmup_tokens = int(wt * self.tokens)
-        else:
-            self.warmup_tokens = parse_count(wt, "train.warmup_tokens")
-        for name in ("tokens", "seq_len", "micro_batch", "global_batch", "eval_samples", "log_every", "keep_checkpoints"):
+        for name in ("seq_len", "micro_batch", "global_batch", "eval_samples", "log_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "warmup_tokens"):
+        for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.global_batch % self.micro_batch:
             raise ConfigError(f"train.global_batch ({self.global_batch}) must be a multiple of train.micro_batch ({self.micro_batch})")
-        if self.tokens < self.global_batch * self.seq_len:
-            raise ConfigError(f"train.tokens ({self.tokens}) is less than one optimizer step "
-                              f"(global_batch {self.global_batch} x seq_len {self.seq_len})")
+        self._check_batch_options()
+        if isinstance(self.tokens, int):
+            self.resolve_tokens(self.tokens)
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -138,21 +157,86 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision: {self.precision!r} is not auto, fp32, bf16 or fp16")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise ConfigError(f"train.init_from: {self.init_from} is not an HF model directory (no config.json)")
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
+    def resolve_tokens(self, tokens: int) -> None:
+        """Fix the run's token count (given, or from the budget) and what derives from it."""
+        self.tokens = tokens
+        wt = self.warmup_tokens
+        if isinstance(wt, float) and 0.0 <= wt < 1.0:
+            self.warmup_tokens = int(wt * tokens)
+        else:
+            self.warmup_tokens = parse_count(wt, "train.warmup_tokens")
+        if self.warmup_tokens < 0:
+            raise ConfigError(f"train.warmup_tokens must be >= 0, got {self.warmup_tokens}")
+        if tokens <= 0:
+            raise ConfigError(f"train.tokens must be positive, got {tokens}")
+        first = self.batch_plan().batch_at(0) if self.adaptive_batch is None else self.adaptive_batch["min"]
+        if tokens < first * self.seq_len:
+            raise ConfigError(f"train.tokens ({tokens}) is less than one optimizer step "
+                              f"({first} samples x seq_len {self.seq_len})")
 
-    @property
-    def total_steps(self) -> int:
-        return self.tokens // self.tokens_per_step
+    def _check_batch_options(self) -> None:
+        from .schedules.batch import LR_RULES, AdaptiveBatch, GrowInsteadOfDecay, ScheduleError
+
+        if self.lr_scaling not in LR_RULES:
+            raise ConfigError(f"train.lr_scaling: {self.lr_scaling!r} is not one of {', '.join(LR_RULES)}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"train.lr_schedule: {self.lr_schedule!r} is not cosine or constant")
+        if self.noise_scale_every <= 0 or not 0.0 <= self.noise_scale_beta < 1.0:
+            raise ConfigError("train.noise_scale_every must be positive and train.noise_scale_beta in [0, 1)")
+        try:
+            sched = self.batch_plan()
+            sched.validate(self.micro_batch, 1)
+            if isinstance(sched, GrowInsteadOfDecay):
+                if self.lr_schedule != "constant" or self.lr_scaling != "none":
+                    raise ConfigError("train.batch_schedule grow_instead_of_decay replaces the LR decay: "
+                                      "set train.lr_schedule: constant and train.lr_scaling: none")
+            if self.adaptive_batch is not None:
+                if self.batch_schedule is not None:
+                    raise ConfigError("train.adaptive_batch and train.batch_schedule are exclusive: choose one")
+                a = dict(self.adaptive_batch)
+                unknown = sorted(set(a) - {"min", "max", "granularity", "every", "scale"})
+                if unknown or not {"min", "max"} <= set(a):
+                    raise ConfigError(f"train.adaptive_batch needs min and max (optional granularity, every, scale); "
+                                      f"got {sorted(a)}")
+                self.adaptive_plan().validate(self.micro_batch, 1)
+                if int(a.get("every", 10)) <= 0:
+                    raise ConfigError("train.adaptive_batch.every must be positive")
+                self.noise_scale = True
+        except ScheduleError as e:
+            raise ConfigError(f"train.batch_schedule: {e}" if self.adaptive_batch is None
+                              else f"train.adaptive_batch: {e}") from None
+
+    def batch_plan(self):
+        """The global-batch schedule (a constant global_batch unless batch_schedule is set)."""
+        from .schedules.batch import Constant, make_batch_schedule
+
+        return Constant(self.global_batch) if self.batch_schedule is None else make_batch_schedule(self.batch_schedule)
+
+    def adaptive_plan(self):
+        from .schedules.batch import AdaptiveBatch
+
+        a = self.adaptive_batch
+        return AdaptiveBatch(int(a["min"]), int(a["max"]), int(a.get("granularity", self.micro_batch)),
+                             scale=float(a.get("scale", 1.0)))
 
     def check_world(self, world_size: int) -> None:
-        """Batch arithmetic that depends on the number of data-parallel ranks."""
+        """Batch arithmetic that depends on the number of data-parallel ranks: every batch size the
+        schedule can produce must split into micro-batches over the ranks."""
+        from .schedules.batch import ScheduleError
+
         per_step = self.micro_batch * world_size
         if self.global_batch % per_step:
             raise ConfigError(f"train.global_batch ({self.global_batch}) is not divisible by train.micro_batch "
                               f"({self.micro_batch}) x data-parallel ranks ({world_size})")
+        try:
+            self.batch_plan().validate(self.micro_batch, world_size)
+            if self.adaptive_batch is not None:
+                self.adaptive_plan().validate(self.micro_batch, world_size)
+        except ScheduleError as e:
+            raise ConfigError(f"train.batch_schedule: {e} ({world_size} data-parallel ranks)") from None
         if self.eval_samples % world_size:
             raise ConfigError(f"train.eval_samples ({self.eval_samples}) is not divisible by the {world_size} "
                               "data-parallel ranks")
@@ -169,13 +253,73 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     export_hf: bool = True
     """Write the final model as a Hugging Face directory (safetensors) under out/final_model."""
+    budget: Optional[dict] = None
+    """{tokens: N} or {flops: F} for the whole run; the run stops at the last step that fits.
+    train.tokens may then be omitted (the whole budget) or a fraction of it."""
 
     def __post_init__(self) -> None:
+        self._resolve_budget()
         if self.model.max_seq_len < self.train.seq_len:
             raise ConfigError(f"model.max_seq_len ({self.model.max_seq_len}) is shorter than train.seq_len ({self.train.seq_len})")
         if self.model.vocab_size and self.model.vocab_size != self.data.vocab_size:
             raise ConfigError(f"model.vocab_size ({self.model.vocab_size}) differs from data.vocab_size ({self.data.vocab_size}); "
                               "leave model.vocab_size unset")
+
+    def _resolve_budget(self) -> None:
+        from .schedules.batch import ScheduleError
+        from .schedules.budget import Budget
+
+        t = self.train
+        if self.budget is None:
+            if t.tokens is None:
+                raise ConfigError("train.tokens: missing (give a token count, or a budget)")
+            if isinstance(t.tokens, float):
+                raise ConfigError(f"train.tokens ({t.tokens}) is a fraction but the recipe has no budget")
+            return
+        unknown = sorted(set(self.budget) - {"tokens", "flops"})
+        if unknown:
+            raise ConfigError(f"unknown recipe key budget.{unknown[0]} (known: flops, tokens)")
+        try:
+            b = Budget(tokens=self.budget.get("tokens"), flops=self.budget.get("flops"))
+        except ScheduleError as e:
+            raise ConfigError(str(e)) from None
+        if b.tokens is not None:
+            if t.tokens is None:
+                tokens = b.tokens
+            elif isinstance(t.tokens, float):
+                tokens = b.fraction_to_tokens(t.tokens)
+            elif t.tokens != b.tokens:
+                raise ConfigError(f"train.tokens ({t.tokens}) contradicts budget.tokens ({b.tokens}): "
+                                  "give one, or train.tokens as a fraction of the budget")
+            else:
+                tokens = t.tokens
+            t.resolve_tokens(tokens)
+        else:
+            self._resolve_flop_budget(b)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token of this recipe's model (the tokenizer has data.vocab_size pieces)."""
+        from .schedules.flops import flops_per_token
+
+        return flops_per_token(self.model.with_vocab(self.data.vocab_size), self.train.seq_len)
+
+    def _resolve_flop_budget(self, b) -> None:
+        flops_per_token = self.flops_per_token()
+        t = self.train
+        if t.tokens is None:
+            tokens = int(b.flops // flops_per_token)
+        elif isinstance(t.tokens, float):
+            tokens = int(t.tokens * b.flops // flops_per_token)
+        else:
+            if t.tokens * flops_per_token > b.flops:
+                raise ConfigError(f"train.tokens ({t.tokens}) needs {t.tokens * flops_per_token:.3e} FLOPs, more than "
+                                  f"budget.flops ({b.flops:.3e})")
+            tokens = t.tokens
+        first = t.batch_plan().batch_at(0) if t.adaptive_batch is None else t.adaptive_batch["min"]
+        if tokens < first * t.seq_len:
+            raise ConfigError(f"budget.flops ({b.flops:.3e}) is less than one optimizer step "
+                              f"({first * t.seq_len * flops_per_token:.3e} FLOPs)")
+        t.resolve_tokens(tokens)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,7 +21,9 @@ from . import __version__
 from .config import ConfigError, Recipe, load_recipe
 from .families.spec import ModelSpec
 from .schedules.flops import flops_per_token
+from .engine.grad_stats import MicroBatchGradNorm
 from .schedules.lr import warmup_cosine
+from .schedules.noise_scale import NoiseScaleEstimator
 
 # Fields that may change when a run is resumed; anything else would silently train another run.
 RESUMABLE_CHANGES = {"name", "out", "export_hf", "train.eval_every", "train.checkpoint_every",
@@ -123,6 +125,18 @@ def check_resume_recipe(saved: dict, current: dict) -> None:
                               f"{a.get(key)!r}")
 
 
+def check_init_from(path: str, spec: ModelSpec) -> None:
+    """train.init_from must hold exactly the recipe's model (vocabulary included)."""
+    import transformers as tf
+
+    theirs = ModelSpec.from_hf_config(tf.AutoConfig.from_pretrained(path, local_files_only=True))
+    ours = ModelSpec.from_hf_config(spec.to_hf_config())  # defaults (ffn, eps, tying) made explicit
+    if theirs != ours:
+        diff = {k: (v, ours.to_dict()[k]) for k, v in theirs.to_dict().items() if ours.to_dict().get(k) != v}
+        raise ConfigError(f"train.init_from: {path} holds another model than the recipe's "
+                          f"(field: theirs, recipe's) {diff}")
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, ds_config_path: str, resume: bool = False):
         from .engine import checkpoint as ckpt
@@ -153,7 +167,9 @@ class Trainer:
             import yaml
 
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        self.handle = ModelHandle(self.spec, self.ds_cfg, t.seed)
+        if t.init_from is not None:
+            check_init_from(t.init_from, self.spec)
+        self.handle = ModelHandle(self.spec, self.ds_cfg, t.seed, t.init_from)
         self.engine = build_engine(self.handle.model, self.ds_cfg, t.lr, t.betas, t.eps, t.weight_decay)
         self.device = self.engine.device
 
@@ -164,13 +180,40 @@ class Trainer:
         self.step = 0
         self.wall_before = 0.0  # wall time of earlier (pre-resume) segments
         self.last_val: Optional[float] = None
+        self.schedule = t.batch_plan()
+        self.adaptive = t.adaptive_plan() if t.adaptive_batch is not None else None
+        self.batch = self.adaptive.min_batch if self.adaptive else self.schedule.batch_at(0)
+        self.noise = NoiseScaleEstimator(t.noise_scale_beta) if t.noise_scale else None
+        self.grad_probe = MicroBatchGradNorm(self.engine.module) if t.noise_scale else None
+        self.last_noise: dict = {}
         if self.resume_state is not None:
             ckpt.load(self.engine, self.ckroot, self.resume_tag)
             st = self.resume_state
             self.stream.load_state_dict(st["stream"])
             self.tokens, self.step, self.wall_before = st["tokens"], st["step"], st["wall_time"]
             self.last_val = st.get("val_loss")
+            self.batch = st.get("batch", self.batch)
+            if self.noise is not None and st.get("noise_scale"):
+                self.noise.load_state_dict(st["noise_scale"])
         self.flops_per_token = flops_per_token(self.spec, t.seq_len)
+
+    # -- schedules: pure functions of tokens seen (plus the adaptive batch, which is state) ------
+    def batch_for_next_step(self) -> int:
+        return self.batch if self.adaptive else self.schedule.batch_at(self.tokens)
+
+    def lr_for_step(self, batch: int) -> float:
+        """LR of the step that starts at self.tokens, evaluated at its end (no zero-LR first step)."""
+        from .schedules.batch import lr_factor_at, scale_lr
+
+        t = self.recipe.train
+        end = self.tokens + batch * t.seq_len
+        if t.lr_schedule == "cosine":
+            base = warmup_cosine(end, t.tokens, t.lr, t.warmup_tokens, t.min_lr_ratio)
+        else:
+            base = t.lr * min(1.0, end / t.warmup_tokens) if t.warmup_tokens else t.lr
+        if self.adaptive:
+            return base * scale_lr(1.0, t.global_batch, batch, t.lr_scaling)
+        return base * lr_factor_at(self.schedule, self.tokens, t.global_batch, t.lr_scaling)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _batch(self, idx: torch.Tensor, position: int):
@@ -184,23 +227,56 @@ class Trainer:
         x = x.to(self.device)
         return {"input_ids": x, "labels": x}
 
-    def train_step(self) -> torch.Tensor:
+    def train_step(self, batch: int, measure_noise: bool = False) -> torch.Tensor:
+        """One optimizer step over exactly `batch` samples (all ranks, all micro-batches).
+
+        The accumulation boundary is set explicitly on every micro-step: DeepSpeed otherwise
+        derives it from a global micro-step counter, and a batch change whose new accumulation
+        count does not divide that counter would make a short first step with the wrong loss
+        scale (deepspeed-facts.md). `set_train_batch_size` updates the count that backward
+        divides the loss by.
+        """
         from .data import shard
+        from .engine.runtime import set_train_batch_size
 
         t = self.recipe.train
+        set_train_batch_size(self.engine, batch)
         position = self.stream.position
-        mine = shard(self.stream.next_indices(t.global_batch), self.rank, self.world)
+        mine = shard(self.stream.next_indices(batch), self.rank, self.world)
         gas = len(mine) // t.micro_batch
         total = torch.zeros((), device=self.device)
+        small_sq = 0.0
+        if measure_noise:
+            self.grad_probe.start()
         for k in range(gas):
             # The global sample position of this micro-batch's first sample seeds its MLM mask.
             first = position + self.rank * len(mine) + k * t.micro_batch
-            batch = self._batch(mine[k * t.micro_batch:(k + 1) * t.micro_batch], first)
-            loss = self.engine(**batch).loss
+            micro = self._batch(mine[k * t.micro_batch:(k + 1) * t.micro_batch], first)
+            self.engine.set_gradient_accumulation_boundary(k == gas - 1)
+            loss = self.engine(**micro).loss
             self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
-            self.engine.step()          # applies the optimizer on the accumulation boundary only
+            if measure_noise:
+                small_sq += self.grad_probe.take()
+            self.engine.step()          # applies the optimizer on the boundary only
             total += loss.detach().float()
+        if measure_noise:
+            self.grad_probe.stop()
+            self._update_noise(small_sq / gas, gas, batch)
         return total / gas
+
+    def _update_noise(self, small_sq_scaled: float, gas: int, batch: int) -> None:
+        from .engine.grad_stats import global_grad_norm, loss_scale
+        from .engine.runtime import all_mean
+
+        t = self.recipe.train
+        # The hook saw gradients of loss * scale / gas; undo both to get the micro-batch gradient.
+        small_sq = all_mean(small_sq_scaled) * (gas / loss_scale(self.engine)) ** 2
+        big = global_grad_norm(self.engine)
+        if big is None or batch <= t.micro_batch:
+            return  # one micro-batch per step on one rank: the two batch sizes coincide
+        b_simple = self.noise.update(small_sq, big ** 2, t.micro_batch, batch)
+        self.last_noise = {"grad_sq_small": small_sq, "grad_sq_big": big ** 2,
+                           "noise_scale_b_simple": b_simple if b_simple is not None else float("nan")}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -231,18 +307,18 @@ class Trainer:
         from .engine.runtime import all_mean, local_param_fraction, set_lr
 
         t = self.recipe.train
-        total_steps = t.total_steps
         log = MetricsLog(self.out, self.rank == 0)
         bar = None
         if self.rank == 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=None)
+            bar = tqdm(total=t.tokens, initial=self.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
+                       disable=None)
         say = bar.write if bar is not None else print
         if self.rank == 0:
             say(f"dsgrow {__version__}: {self.spec.family} {self.spec.layers}x{self.spec.hidden} "
                 f"({self.spec.n_params(True) / 1e6:.2f}M params), vocab {self.spec.vocab_size}, ZeRO-{self.zero_stage}, "
-                f"{self.world} rank(s), {self.precision}, {t.tokens:,} tokens in {total_steps} steps"
+                f"{self.world} rank(s), {self.precision}, {t.tokens:,} tokens, batch {self.schedule!r}"
                 + (f", resumed at step {self.step}" if self.step else ""))
         if self.step == 0:
             self.last_val = self.evaluate()
@@ -253,49 +329,66 @@ class Trainer:
         window_steps, window_t0, window_tok0 = 0, time.perf_counter(), self.tokens
         train_loss = float("nan")
         tokens_at_start = self.tokens
-        while self.step < total_steps:
-            lr = warmup_cosine(self.tokens + t.tokens_per_step, t.tokens, t.lr, t.warmup_tokens, t.min_lr_ratio)
+        while True:
+            batch = self.batch_for_next_step()
+            step_tokens = batch * t.seq_len
+            if self.tokens + step_tokens > t.tokens:
+                break  # the budget is never overrun: the run ends at the last step that fits
+            lr = self.lr_for_step(batch)
             set_lr(self.engine, lr)
-            loss = self.train_step()
+            measure = self.noise is not None and (self.step + 1) % t.noise_scale_every == 0
+            loss = self.train_step(batch, measure_noise=measure)
             prev = self.tokens
-            self.tokens += t.tokens_per_step
+            self.tokens += step_tokens
             self.step += 1
             window_loss += loss  # stays on the device: no host sync until the next log line
             window_steps += 1
             if bar is not None:
-                bar.update(1)
-            last = self.step == total_steps
+                bar.update(step_tokens)
+            if self.adaptive and self.step % int(t.adaptive_batch.get("every", 10)) == 0:
+                self.batch = self.adaptive.propose(self.noise.b_simple, self.batch)
+            last = self.tokens + self.batch_for_next_step() * t.seq_len > t.tokens
             if self.step % t.log_every == 0 or last:
                 # Only the logged step's loss is synchronised: a per-step all-reduce costs speed.
                 train_loss = all_mean(float(window_loss) / window_steps)
                 now = time.perf_counter()
                 rec = {"step": self.step, "tokens": self.tokens, "loss": train_loss, "lr": lr,
-                       "flops": self.tokens * self.flops_per_token, "batch_size": t.global_batch,
-                       "tokens_per_s": (self.tokens - window_tok0) / max(now - window_t0, 1e-9)}
+                       "flops": self.tokens * self.flops_per_token, "batch_size": batch,
+                       "tokens_per_s": (self.tokens - window_tok0) / max(now - window_t0, 1e-9),
+                       **self.last_noise}
                 log.log(rec, self.step)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", bs=batch)
                 window_loss = torch.zeros((), device=self.device)
                 window_steps, window_t0, window_tok0 = 0, now, self.tokens
             if (t.eval_every and self.tokens // t.eval_every > prev // t.eval_every) or last:
                 self.last_val = self.evaluate()
                 log.log({"step": self.step, "tokens": self.tokens, "val_loss": self.last_val}, self.step)
                 if self.rank == 0:
-                    say(f"step {self.step}/{total_steps}  tokens {self.tokens:,}  train loss {train_loss:.4f}  "
+                    say(f"step {self.step}  tokens {self.tokens:,}/{t.tokens:,}  train loss {train_loss:.4f}  "
                         f"val loss {self.last_val:.4f}")
             if (t.checkpoint_every and self.tokens // t.checkpoint_every > prev // t.checkpoint_every) or last:
                 self.save(time.perf_counter() - start)
+            if last:
+                break
         if bar is not None:
             bar.close()
         wall = self.wall_before + (time.perf_counter() - start)
         summary = {
             "name": self.recipe.name, "family": self.spec.family, "params": self.spec.n_params(True),
             "train_loss": train_loss, "val_loss": self.last_val, "tokens": self.tokens,
-            "flops": self.tokens * self.flops_per_token, "steps": self.step,
+            "tokens_budget": t.tokens, "flops": self.tokens * self.flops_per_token, "steps": self.step,
             "tokens_per_s": (self.tokens - tokens_at_start) / max(time.perf_counter() - start, 1e-9),
             "wall_time_s": wall, "world_size": self.world, "zero_stage": self.zero_stage,
             "precision": self.precision, "local_param_fraction": local_param_fraction(self.engine.module),
         }
+        if self.recipe.budget is not None:
+            b = self.recipe.budget
+            summary["budget"] = dict(b)
+            summary["budget_used"] = (summary["flops"] / float(b["flops"]) if b.get("flops") is not None
+                                      else self.tokens / t.tokens)
+        if self.noise is not None and self.noise.b_simple is not None:
+            summary["noise_scale_b_simple"] = self.noise.b_simple
         if self.recipe.export_hf:
             summary["exported_to"] = str(self.export())
         if self.rank == 0:
@@ -307,7 +400,8 @@ class Trainer:
     def save(self, elapsed: float) -> None:
         from .engine import checkpoint as ckpt
 
-        state = {"tokens": self.tokens, "step": self.step, "stream": self.stream.state_dict(),
+        state = {"tokens": self.tokens, "step": self.step, "stream": self.stream.state_dict(), "batch": self.batch,
+                 "noise_scale": self.noise.state_dict() if self.noise is not None else None,
                  "wall_time": self.wall_before + elapsed, "val_loss": self.last_val,
                  "world_size": self.world, "zero_stage": self.zero_stage, "recipe": self.recipe.to_dict(),
                  "spec": self.spec.to_dict(), "dsgrow_version": __version__}
@@ -352,7 +446,8 @@ def format_summary(s: dict) -> str:
              f"{s['world_size']} rank(s), {s['precision']}",
              f"train loss    {s['train_loss']:.4f}",
              f"val loss      {s['val_loss']:.4f}  (ppl {math.exp(min(s['val_loss'], 50)):.1f})",
-             f"tokens        {s['tokens']:,} in {s['steps']} steps",
+             f"tokens        {s['tokens']:,} in {s['steps']} steps"
+             + (f"  ({100 * s['budget_used']:.1f}% of the budget)" if "budget_used" in s else ""),
              f"FLOPs         {s['flops']:.3e}",
              f"tokens/s      {s['tokens_per_s']:,.0f}",
              f"wall time     {s['wall_time_s']:.1f} s"]

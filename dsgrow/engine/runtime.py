@@ -98,18 +98,26 @@ class ModelHandle:
     module before partitioning it.
     """
 
-    def __init__(self, spec: ModelSpec, ds_cfg: dict, seed: int):
+    def __init__(self, spec: ModelSpec, ds_cfg: dict, seed: int, init_from: Optional[str] = None):
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
         self.spec = spec
         self.zero3 = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3
         torch.manual_seed(seed)  # every rank builds the same initial weights
+        cls = hf_model_class(spec)
+
+        def build():
+            if init_from is None:
+                return cls.from_config(spec.to_hf_config())
+            # Under ZeRO-3, transformers loads each rank's slices straight into the partitions.
+            return cls.from_pretrained(init_from, local_files_only=True, dtype=torch.float32)
+
         if not self.zero3:
-            self.model = hf_model_class(spec).from_config(spec.to_hf_config())
+            self.model = build()
             return
         hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (transformers holds only a weak reference)
         try:
-            self.model = hf_model_class(spec).from_config(spec.to_hf_config())
+            self.model = build()
         finally:
             # Left set, every later `from_config` in this process (the rank-0 export, a plain
             # CPU copy) would also enter zero.Init, a collective the other ranks never join.
@@ -139,6 +147,12 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict, lr: float, betas, eps: fl
         opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
     return engine
+
+
+def set_train_batch_size(engine, batch: int) -> None:
+    """Global batch for the next optimizer step (changes gradient accumulation only)."""
+    if engine.train_batch_size() != batch:
+        engine.set_train_batch_size(batch)
 
 
 def set_lr(engine, lr: float) -> None:

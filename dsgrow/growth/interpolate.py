@@ -1,0 +1,22 @@
+"""Depth by interpolation between neighbouring layers, for any L2 >= L1.
+
+Large layer l sits at relative depth t = l (L1-1)/(L2-1) in the small stack and its weights are
+the linear interpolation of the two small layers around t; the bottom and top layers are kept.
+This is the weight-space counterpart of the interpolation/progressive-stacking baselines
+(MSLT-style multi-stage growth); MSLT's other half, training only the new layers for a stage, is a
+training schedule, not an operator, and is not done here. Width, if it grows, uses FPI copies.
+Not function preserving.
+"""
+from __future__ import annotations
+
+from ..families import ModelSpec
+from .depth import grow_fixed, interpolate_plan
+from .net2net import fpi_maps
+
+
+def interpolate(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", seed: int = 0) -> dict:
+    plan = interpolate_plan(small.layers, large.layers)
+    return grow_fixed(small, canonical, large, fpi_maps(small, large, select, seed), plan)
+
+
+__all__ = ["interpolate"]
