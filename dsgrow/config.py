@@ -256,8 +256,14 @@ class Recipe:
     budget: Optional[dict] = None
     """{tokens: N} or {flops: F} for the whole run; the run stops at the last step that fits.
     train.tokens may then be omitted (the whole budget) or a fraction of it."""
+    stages: Optional[list] = None
+    """Growth stages (dsgrow/stages.py): [{model, tokens}, {grow: {method, fit_steps}, model, tokens}, ...].
+    The run trains each in turn and grows the model in place at each boundary."""
 
     def __post_init__(self) -> None:
+        if self.stages is not None:
+            self._resolve_stages()
+            return
         self._resolve_budget()
         if self.model.max_seq_len < self.train.seq_len:
             raise ConfigError(f"model.max_seq_len ({self.model.max_seq_len}) is shorter than train.seq_len ({self.train.seq_len})")
@@ -296,6 +302,43 @@ class Recipe:
             t.resolve_tokens(tokens)
         else:
             self._resolve_flop_budget(b)
+
+    def _resolve_stages(self) -> None:
+        from .stages import parse_stages
+
+        b = self.budget or {}
+        unknown = sorted(set(b) - {"tokens", "flops"})
+        if unknown or len(b) > 1:
+            raise ConfigError("budget: give exactly one of tokens, flops")
+        budget_tokens = parse_count(b["tokens"], "budget.tokens") if "tokens" in b else None
+        given = self.train.tokens
+        self.train.tokens = None
+        plan = parse_stages(self, budget_tokens)
+        total = sum(s.tokens for s in plan)
+        if given is not None and given != total:
+            raise ConfigError(f"train.tokens ({given}) contradicts the stages' total ({total}); leave it unset")
+        if budget_tokens is not None and total > budget_tokens:
+            raise ConfigError(f"stages: their tokens add up to {total}, more than budget.tokens ({budget_tokens})")
+        if "flops" in b:
+            from .schedules.flops import flops_per_token
+
+            need = sum(s.tokens * flops_per_token(s.model.with_vocab(self.data.vocab_size), self.train.seq_len)
+                       for s in plan)
+            if need > float(b["flops"]):
+                raise ConfigError(f"stages: their tokens need {need:.3e} FLOPs, more than budget.flops "
+                                  f"({float(b['flops']):.3e})")
+        self.train.resolve_tokens(total)
+        if self.model.max_seq_len < self.train.seq_len:
+            raise ConfigError(f"model.max_seq_len ({self.model.max_seq_len}) is shorter than train.seq_len ({self.train.seq_len})")
+
+    def stage_plan(self) -> list:
+        """The run's stages (one stage, the recipe's model, for a recipe without `stages`)."""
+        from .stages import Stage, parse_stages
+
+        if self.stages is None:
+            return [Stage(0, self.model, self.train.tokens, 0, self.train)]
+        budget_tokens = (self.budget or {}).get("tokens")
+        return parse_stages(self, parse_count(budget_tokens, "budget.tokens") if budget_tokens is not None else None)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token of this recipe's model (the tokenizer has data.vocab_size pieces)."""

@@ -149,8 +149,11 @@ class Trainer:
         zero_stage(ds_raw)
         self.rank, self.world, _ = init_distributed()
         self.precision = resolve_precision(t.precision, has_gpu())
-        self.ds_cfg = fill_ds_config(ds_raw, t, self.world, self.precision)
-        self.zero_stage = zero_stage(self.ds_cfg)
+        self.ds_raw = ds_raw
+        self.stages = recipe.stage_plan()
+        for st in self.stages:  # every stage's batch arithmetic and ds_config, before any work
+            st.train.check_world(self.world)
+            fill_ds_config(ds_raw, st.train, self.world, self.precision)
         self.out = Path(recipe.out)
         self.ckroot = self.out / "checkpoints"
         tag = ckpt.resolve_resume(self.ckroot, resume)
@@ -161,59 +164,89 @@ class Trainer:
             self.resume_tag = tag
 
         self.data = prepare_data(recipe, self.rank)
-        self.spec: ModelSpec = recipe.model.with_vocab(self.data.tokenizer.vocab_size)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             import yaml
 
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        if t.init_from is not None:
+        rs = self.resume_state or {}
+        self._enter_stage(self.stages[rs.get("stage", 0)])
+        if t.init_from is not None and self.resume_state is None:
             check_init_from(t.init_from, self.spec)
-        self.handle = ModelHandle(self.spec, self.ds_cfg, t.seed, t.init_from)
-        self.engine = build_engine(self.handle.model, self.ds_cfg, t.lr, t.betas, t.eps, t.weight_decay)
+        self.handle = ModelHandle(self.spec, self.ds_cfg, t.seed,
+                                  t.init_from if self.resume_state is None and self.stage.index == 0 else None)
+        self.engine = build_engine(self.handle.model, self.ds_cfg, self.t.lr, self.t.betas, self.t.eps,
+                                   self.t.weight_decay)
         self.device = self.engine.device
 
         from .data import SampleStream
 
         self.stream = SampleStream(len(self.data.train), t.seed)
         self.tokens = 0
+        self.flops = 0.0
         self.step = 0
+        self.stage_t0 = 0  # global tokens at which this stage's training (after any fit) began
         self.wall_before = 0.0  # wall time of earlier (pre-resume) segments
         self.last_val: Optional[float] = None
+        self.growth_events: list[dict] = []
+        self.growth_done = False  # a growth ran in this process
+        self._reset_stage_state()
+        if self.resume_state is not None:
+            ckpt.load(self.engine, self.ckroot, self.resume_tag)
+            st = self.resume_state
+            self.stream.load_state_dict(st["stream"])
+            self.tokens, self.step, self.wall_before = st["tokens"], st["step"], st["wall_time"]
+            self.flops = st.get("flops", self.tokens * self.flops_per_token)
+            self.stage_t0 = st.get("stage_t0", 0)
+            self.growth_events = st.get("growth_events", [])
+            self.last_val = st.get("val_loss")
+            self.batch = st.get("batch", self.batch)
+            if self.noise is not None and st.get("noise_scale"):
+                self.noise.load_state_dict(st["noise_scale"])
+
+    def _enter_stage(self, stage) -> None:
+        """Make `stage` current: its model spec, train config and filled ds_config."""
+        from .engine.ds_config import fill_ds_config, zero_stage
+
+        self.stage = stage
+        self.t = stage.train
+        self.spec: ModelSpec = stage.model.with_vocab(self.data.tokenizer.vocab_size)
+        self.ds_cfg = fill_ds_config(self.ds_raw, self.t, self.world, self.precision)
+        self.zero_stage = zero_stage(self.ds_cfg)
+        self.flops_per_token = flops_per_token(self.spec, self.t.seq_len)
+
+    def _reset_stage_state(self) -> None:
+        """Schedules and meters that belong to one stage's engine."""
+        t = self.t
         self.schedule = t.batch_plan()
         self.adaptive = t.adaptive_plan() if t.adaptive_batch is not None else None
         self.batch = self.adaptive.min_batch if self.adaptive else self.schedule.batch_at(0)
         self.noise = NoiseScaleEstimator(t.noise_scale_beta) if t.noise_scale else None
         self.grad_probe = MicroBatchGradNorm(self.engine.module) if t.noise_scale else None
         self.last_noise: dict = {}
-        if self.resume_state is not None:
-            ckpt.load(self.engine, self.ckroot, self.resume_tag)
-            st = self.resume_state
-            self.stream.load_state_dict(st["stream"])
-            self.tokens, self.step, self.wall_before = st["tokens"], st["step"], st["wall_time"]
-            self.last_val = st.get("val_loss")
-            self.batch = st.get("batch", self.batch)
-            if self.noise is not None and st.get("noise_scale"):
-                self.noise.load_state_dict(st["noise_scale"])
-        self.flops_per_token = flops_per_token(self.spec, t.seq_len)
+
+    @property
+    def stage_tokens(self) -> int:
+        """Tokens trained in the current stage (the schedules' clock)."""
+        return self.tokens - self.stage_t0
 
     # -- schedules: pure functions of tokens seen (plus the adaptive batch, which is state) ------
     def batch_for_next_step(self) -> int:
-        return self.batch if self.adaptive else self.schedule.batch_at(self.tokens)
+        return self.batch if self.adaptive else self.schedule.batch_at(self.stage_tokens)
 
     def lr_for_step(self, batch: int) -> float:
         """LR of the step that starts at self.tokens, evaluated at its end (no zero-LR first step)."""
         from .schedules.batch import lr_factor_at, scale_lr
 
-        t = self.recipe.train
-        end = self.tokens + batch * t.seq_len
+        t = self.t
+        end = self.stage_tokens + batch * t.seq_len
         if t.lr_schedule == "cosine":
             base = warmup_cosine(end, t.tokens, t.lr, t.warmup_tokens, t.min_lr_ratio)
         else:
             base = t.lr * min(1.0, end / t.warmup_tokens) if t.warmup_tokens else t.lr
         if self.adaptive:
             return base * scale_lr(1.0, t.global_batch, batch, t.lr_scaling)
-        return base * lr_factor_at(self.schedule, self.tokens, t.global_batch, t.lr_scaling)
+        return base * lr_factor_at(self.schedule, self.stage_tokens, t.global_batch, t.lr_scaling)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _batch(self, idx: torch.Tensor, position: int):
@@ -222,7 +255,7 @@ class Trainer:
         x = self.data.train[idx]
         if self.spec.family == "bert":
             inputs, labels = mlm_mask(x, self.data.tokenizer, self.recipe.data.mlm_probability,
-                                      seed=self.recipe.train.seed, position=position)
+                                      seed=self.t.seed, position=position)
             return {"input_ids": inputs.to(self.device), "labels": labels.to(self.device)}
         x = x.to(self.device)
         return {"input_ids": x, "labels": x}
@@ -239,7 +272,7 @@ class Trainer:
         from .data import shard
         from .engine.runtime import set_train_batch_size
 
-        t = self.recipe.train
+        t = self.t
         set_train_batch_size(self.engine, batch)
         position = self.stream.position
         mine = shard(self.stream.next_indices(batch), self.rank, self.world)
@@ -268,7 +301,7 @@ class Trainer:
         from .engine.grad_stats import global_grad_norm, loss_scale
         from .engine.runtime import all_mean
 
-        t = self.recipe.train
+        t = self.t
         # The hook saw gradients of loss * scale / gas; undo both to get the micro-batch gradient.
         small_sq = all_mean(small_sq_scaled) * (gas / loss_scale(self.engine)) ** 2
         big = global_grad_norm(self.engine)
@@ -282,7 +315,7 @@ class Trainer:
     def evaluate(self) -> float:
         from .data import mlm_mask, shard
 
-        t = self.recipe.train
+        t = self.t
         self.engine.eval()
         idx = shard(torch.arange(t.eval_samples), self.rank, self.world)
         losses = []
@@ -304,42 +337,82 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> dict:
-        from .engine.runtime import all_mean, local_param_fraction, set_lr
+        from .engine.runtime import local_param_fraction
 
-        t = self.recipe.train
         log = MetricsLog(self.out, self.rank == 0)
         bar = None
+        total = self.recipe.train.tokens
         if self.rank == 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=t.tokens, initial=self.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
+            bar = tqdm(total=total, initial=self.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
                        disable=None)
-        say = bar.write if bar is not None else print
+        self.say = bar.write if bar is not None else print
+        self.bar = bar
+        start = time.perf_counter()
+        tokens_at_start = self.tokens
+        train_loss = float("nan")
+        while True:
+            train_loss = self._train_stage(log, start)
+            if self.stage.index == len(self.stages) - 1:
+                break
+            self._grow(log, start)
+        if bar is not None:
+            bar.close()
+        wall = self.wall_before + (time.perf_counter() - start)
+        summary = {
+            "name": self.recipe.name, "family": self.spec.family, "params": self.spec.n_params(True),
+            "train_loss": train_loss, "val_loss": self.last_val, "tokens": self.tokens,
+            "tokens_budget": total, "flops": self.flops, "steps": self.step,
+            "tokens_per_s": (self.tokens - tokens_at_start) / max(time.perf_counter() - start, 1e-9),
+            "wall_time_s": wall, "world_size": self.world, "zero_stage": self.zero_stage,
+            "precision": self.precision, "local_param_fraction": local_param_fraction(self.engine.module),
+            "stages": len(self.stages), "growth_events": self.growth_events,
+        }
+        if self.recipe.budget is not None:
+            b = self.recipe.budget
+            summary["budget"] = dict(b)
+            summary["budget_used"] = (summary["flops"] / float(b["flops"]) if b.get("flops") is not None
+                                      else self.tokens / total)
+        if self.noise is not None and self.noise.b_simple is not None:
+            summary["noise_scale_b_simple"] = self.noise.b_simple
+        if self.recipe.export_hf:
+            summary["exported_to"] = str(self.export(self.out / "final_model"))
         if self.rank == 0:
-            say(f"dsgrow {__version__}: {self.spec.family} {self.spec.layers}x{self.spec.hidden} "
-                f"({self.spec.n_params(True) / 1e6:.2f}M params), vocab {self.spec.vocab_size}, ZeRO-{self.zero_stage}, "
-                f"{self.world} rank(s), {self.precision}, {t.tokens:,} tokens, batch {self.schedule!r}"
-                + (f", resumed at step {self.step}" if self.step else ""))
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.say(format_summary(summary))
+        log.close()
+        return summary
+
+    def _train_stage(self, log: "MetricsLog", start: float) -> float:
+        """Train the current stage to its last step that fits; returns the last logged train loss."""
+        from .engine.runtime import all_mean, set_lr
+
+        t, say, bar = self.t, self.say, self.bar
+        if self.rank == 0:
+            say(f"dsgrow {__version__}: stage {self.stage.index + 1}/{len(self.stages)}: {self.spec.family} "
+                f"{self.spec.layers}x{self.spec.hidden} ({self.spec.n_params(True) / 1e6:.2f}M params), "
+                f"vocab {self.spec.vocab_size}, ZeRO-{self.zero_stage}, {self.world} rank(s), {self.precision}, "
+                f"{t.tokens:,} tokens, batch {self.schedule!r}"
+                + (f", resumed at step {self.step}" if self.resume_state is not None and not self.growth_done else ""))
         if self.step == 0:
             self.last_val = self.evaluate()
-            if self.rank == 0:
-                log.log({"step": 0, "tokens": 0, "val_loss": self.last_val}, 0)
-        start = time.perf_counter()
+            log.log({"step": self.step, "tokens": self.tokens, "val_loss": self.last_val}, self.step)
         window_loss = torch.zeros((), device=self.device)
         window_steps, window_t0, window_tok0 = 0, time.perf_counter(), self.tokens
         train_loss = float("nan")
-        tokens_at_start = self.tokens
         while True:
             batch = self.batch_for_next_step()
             step_tokens = batch * t.seq_len
-            if self.tokens + step_tokens > t.tokens:
-                break  # the budget is never overrun: the run ends at the last step that fits
+            if self.stage_tokens + step_tokens > t.tokens:
+                break  # the budget is never overrun: the stage ends at the last step that fits
             lr = self.lr_for_step(batch)
             set_lr(self.engine, lr)
             measure = self.noise is not None and (self.step + 1) % t.noise_scale_every == 0
             loss = self.train_step(batch, measure_noise=measure)
-            prev = self.tokens
+            prev = self.stage_tokens
             self.tokens += step_tokens
+            self.flops += step_tokens * self.flops_per_token
             self.step += 1
             window_loss += loss  # stays on the device: no host sync until the next log line
             window_steps += 1
@@ -347,13 +420,13 @@ class Trainer:
                 bar.update(step_tokens)
             if self.adaptive and self.step % int(t.adaptive_batch.get("every", 10)) == 0:
                 self.batch = self.adaptive.propose(self.noise.b_simple, self.batch)
-            last = self.tokens + self.batch_for_next_step() * t.seq_len > t.tokens
+            last = self.stage_tokens + self.batch_for_next_step() * t.seq_len > t.tokens
             if self.step % t.log_every == 0 or last:
                 # Only the logged step's loss is synchronised: a per-step all-reduce costs speed.
                 train_loss = all_mean(float(window_loss) / window_steps)
                 now = time.perf_counter()
                 rec = {"step": self.step, "tokens": self.tokens, "loss": train_loss, "lr": lr,
-                       "flops": self.tokens * self.flops_per_token, "batch_size": batch,
+                       "flops": self.flops, "batch_size": batch, "stage": self.stage.index,
                        "tokens_per_s": (self.tokens - window_tok0) / max(now - window_t0, 1e-9),
                        **self.last_noise}
                 log.log(rec, self.step)
@@ -361,58 +434,133 @@ class Trainer:
                     bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", bs=batch)
                 window_loss = torch.zeros((), device=self.device)
                 window_steps, window_t0, window_tok0 = 0, now, self.tokens
-            if (t.eval_every and self.tokens // t.eval_every > prev // t.eval_every) or last:
+            if (t.eval_every and self.stage_tokens // t.eval_every > prev // t.eval_every) or last:
                 self.last_val = self.evaluate()
                 log.log({"step": self.step, "tokens": self.tokens, "val_loss": self.last_val}, self.step)
                 if self.rank == 0:
-                    say(f"step {self.step}  tokens {self.tokens:,}/{t.tokens:,}  train loss {train_loss:.4f}  "
-                        f"val loss {self.last_val:.4f}")
-            if (t.checkpoint_every and self.tokens // t.checkpoint_every > prev // t.checkpoint_every) or last:
-                self.save(time.perf_counter() - start)
+                    say(f"step {self.step}  tokens {self.tokens:,}/{self.recipe.train.tokens:,}  "
+                        f"train loss {train_loss:.4f}  val loss {self.last_val:.4f}")
+            if (t.checkpoint_every and self.stage_tokens // t.checkpoint_every > prev // t.checkpoint_every) or last:
+                final_of_stage = last and self.stage.index < len(self.stages) - 1
+                # A stage's final checkpoint is kept for good (tag stageN-end): growth starts from it.
+                self.save(time.perf_counter() - start, tag=f"stage{self.stage.index}-end" if final_of_stage else None)
             if last:
                 break
-        if bar is not None:
-            bar.close()
-        wall = self.wall_before + (time.perf_counter() - start)
-        summary = {
-            "name": self.recipe.name, "family": self.spec.family, "params": self.spec.n_params(True),
-            "train_loss": train_loss, "val_loss": self.last_val, "tokens": self.tokens,
-            "tokens_budget": t.tokens, "flops": self.tokens * self.flops_per_token, "steps": self.step,
-            "tokens_per_s": (self.tokens - tokens_at_start) / max(time.perf_counter() - start, 1e-9),
-            "wall_time_s": wall, "world_size": self.world, "zero_stage": self.zero_stage,
-            "precision": self.precision, "local_param_fraction": local_param_fraction(self.engine.module),
-        }
-        if self.recipe.budget is not None:
-            b = self.recipe.budget
-            summary["budget"] = dict(b)
-            summary["budget_used"] = (summary["flops"] / float(b["flops"]) if b.get("flops") is not None
-                                      else self.tokens / t.tokens)
-        if self.noise is not None and self.noise.b_simple is not None:
-            summary["noise_scale_b_simple"] = self.noise.b_simple
-        if self.recipe.export_hf:
-            summary["exported_to"] = str(self.export())
-        if self.rank == 0:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-            say(format_summary(summary))
-        log.close()
-        return summary
+        return train_loss
 
-    def save(self, elapsed: float) -> None:
+    def _grow(self, log: "MetricsLog", start: float) -> None:
+        """Grow the current model into the next stage's, in this process, under any ZeRO stage."""
+        from .engine import checkpoint as ckpt
+        from .engine.grow_io import all_reduce_mean_, write_weights
+        from .engine.runtime import ModelHandle, build_engine, destroy_engine, gather_fp32_state_dict
+        from .families import from_canonical, to_canonical
+        from .growth import LiGO, fit_ligo, grow_canonical
+        from .growth.api import LIGO_OPTIONS
+        from .stages import fit_batch, fit_tokens_of
+
+        nxt = self.stages[self.stage.index + 1]
+        g = nxt.grow
+        small_spec, large_spec = self.spec, nxt.model.with_vocab(self.data.tokenizer.vocab_size)
+        ev: dict = {"event": "growth", "stage": nxt.index, "method": g["method"], "step": self.step,
+                    "tokens": self.tokens, "loss_before": self.last_val}
+        timings: dict = {}
+        if g.get("export_grown"):  # the small model, for checking the growth against a one-process build
+            self.export(self.out / "stages" / f"stage{self.stage.index}-final")
+        t0 = time.perf_counter()
+        # 1. The small model's fp32 master weights on every rank (the operator needs all of them),
+        #    one parameter gathered at a time.
+        sd = gather_fp32_state_dict(self.engine, all_ranks=True)
+        small = to_canonical(small_spec, sd)
+        ev["bytes_gathered"] = sum(v.numel() * v.element_size() for v in sd.values())
+        del sd
+        destroy_engine(self.engine)
+        self.engine = self.handle = None
+        timings["gather_s"] = time.perf_counter() - t0
+        # 2. The operator, fitted data-parallel on the run's own stream.
+        t1 = time.perf_counter()
+        opts = nxt.method_options()
+        fit_flops = 0.0
+        if g["method"] == "ligo":
+            op = LiGO(small_spec, small, large_spec, **{k: v for k, v in opts.items() if k in LIGO_OPTIONS})
+            if g["fit_steps"]:
+                from .data import shard
+
+                per_step = fit_batch(nxt)
+
+                def data(step: int) -> dict:
+                    position = self.stream.position
+                    mine = shard(self.stream.next_indices(per_step), self.rank, self.world)
+                    b = self._batch(mine, position + self.rank * len(mine))
+                    return {k: v.cpu() for k, v in b.items()}
+
+                fopts = {k: v for k, v in opts.items() if k not in LIGO_OPTIONS}
+                fopts.setdefault("batch_size", per_step // self.world)
+                rep = fit_ligo(op, data, g["fit_steps"], seed=opts.get("seed", 0), grad_hook=all_reduce_mean_, **fopts)
+                fit_flops = (rep.flops + rep.flops_operator) * self.world
+                ev.update(fit_loss_first=rep.losses[0], fit_loss_last=rep.losses[-1])
+                if self.rank == 0 and g.get("export_grown"):
+                    from safetensors.torch import save_file
+
+                    (self.out / "stages").mkdir(exist_ok=True)
+                    save_file({k: v.detach().contiguous() for k, v in op.state_dict().items()},
+                              str(self.out / "stages" / f"stage{nxt.index}-ligo.safetensors"))
+            with torch.no_grad():
+                large = {k: v.detach() for k, v in op.materialize().items()}
+            del op
+        else:
+            large = grow_canonical(small_spec, small, large_spec, g["method"], **opts)
+        hf = from_canonical(large_spec, large)
+        del large, small
+        ckpt._fault_point("growth_fitted", f"stage{nxt.index}")  # crash tests: killed mid-growth
+        timings["fit_s"] = time.perf_counter() - t1
+        fit_tokens = fit_tokens_of(nxt)
+        self.tokens += fit_tokens
+        self.flops += fit_flops
+        if self.bar is not None:
+            self.bar.update(fit_tokens)
+        # 3. The large model: built (under zero.Init for ZeRO-3), each rank's slices written, and
+        #    only then a new engine, so the fp32 masters are the grown weights.
+        t2 = time.perf_counter()
+        self._enter_stage(nxt)
+        self.handle = ModelHandle(self.spec, self.ds_cfg, self.t.seed)
+        ev["elements_written"] = write_weights(self.handle.model, lambda name: hf[name])
+        del hf
+        timings["write_s"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        self.engine = build_engine(self.handle.model, self.ds_cfg, self.t.lr, self.t.betas, self.t.eps,
+                                   self.t.weight_decay)
+        timings["engine_s"] = time.perf_counter() - t3
+        self.stage_t0 = self.tokens
+        self.growth_done = True
+        self._reset_stage_state()
+        ev.update(timings, fit_tokens=fit_tokens, fit_flops=fit_flops, growth_s=time.perf_counter() - t0)
+        if g.get("export_grown"):
+            self.export(self.out / "stages" / f"stage{nxt.index}-grown")
+        self.last_val = self.evaluate()
+        ev["loss_after"] = self.last_val
+        self.growth_events.append(ev)
+        log.log(ev, self.step)
+        if self.rank == 0:
+            self.say(f"grew {small_spec.layers}x{small_spec.hidden} -> {large_spec.layers}x{large_spec.hidden} "
+                     f"({g['method']}): val loss {ev['loss_before']:.4f} -> {ev['loss_after']:.4f}, "
+                     f"{ev['growth_s']:.1f} s")
+
+    def save(self, elapsed: float, tag: Optional[str] = None) -> None:
         from .engine import checkpoint as ckpt
 
         state = {"tokens": self.tokens, "step": self.step, "stream": self.stream.state_dict(), "batch": self.batch,
                  "noise_scale": self.noise.state_dict() if self.noise is not None else None,
                  "wall_time": self.wall_before + elapsed, "val_loss": self.last_val,
                  "world_size": self.world, "zero_stage": self.zero_stage, "recipe": self.recipe.to_dict(),
-                 "spec": self.spec.to_dict(), "dsgrow_version": __version__}
-        ckpt.save(self.engine, self.ckroot, f"step{self.step}", state, self.recipe.train.keep_checkpoints)
+                 "spec": self.spec.to_dict(), "dsgrow_version": __version__, "stage": self.stage.index,
+                 "stage_t0": self.stage_t0, "flops": self.flops, "growth_events": self.growth_events}
+        ckpt.save(self.engine, self.ckroot, tag or f"step{self.step}", state, self.recipe.train.keep_checkpoints)
 
-    def export(self) -> Path:
-        """Final fp32 weights as a Hugging Face folder (safetensors + tokenizer), written atomically."""
+    def export(self, dest: Path) -> Path:
+        """The current fp32 weights as a Hugging Face folder (safetensors + tokenizer), written atomically."""
         from .engine.runtime import barrier, gather_fp32_state_dict, hf_model_class
 
         sd = gather_fp32_state_dict(self.engine)
-        dest = self.out / "final_model"
         if self.rank == 0:
             import shutil
 
@@ -422,7 +570,8 @@ class Trainer:
             if unexpected or any(k not in tied and not k.endswith("lm_head.weight") and "decoder.weight" not in k
                                  for k in missing):
                 raise RuntimeError(f"export: state dict mismatch, missing {missing}, unexpected {unexpected}")
-            tmp = self.out / f".final_model.tmp{os.getpid()}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.parent / f".{dest.name}.tmp{os.getpid()}"
             if tmp.exists():
                 shutil.rmtree(tmp)
             model.save_pretrained(str(tmp))  # transformers 5 always writes safetensors

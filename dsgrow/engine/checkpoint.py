@@ -102,7 +102,8 @@ def save(engine, root: Path, tag: str, run_state: dict, keep: int) -> Path:
             shutil.rmtree(final)
         os.replace(partial, final)
         _atomic_write_text(root / "latest", tag)
-        for old in complete_tags(root)[:-keep]:
+        # Stage-end checkpoints (stageN-end) are kept for good: each is a growth's starting point.
+        for old in [x for x in complete_tags(root) if not x.startswith("stage")][:-keep]:
             if old != tag:
                 shutil.rmtree(root / old, ignore_errors=True)
     barrier()

@@ -160,8 +160,9 @@ def set_lr(engine, lr: float) -> None:
         g["lr"] = lr
 
 
-def gather_fp32_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
-    """The full fp32 master weights, parameter by parameter; the dict on rank 0, None elsewhere.
+def gather_fp32_state_dict(engine, all_ranks: bool = False) -> Optional[dict[str, torch.Tensor]]:
+    """The full fp32 master weights, parameter by parameter; the dict on rank 0 (on every rank
+    with `all_ranks`), None elsewhere.
 
     safe_get_full_fp32_param reads the optimizer's fp32 master copy (not the bf16 module weight)
     and is a collective under ZeRO-3, so every rank walks the parameters in the same order.
@@ -170,7 +171,7 @@ def gather_fp32_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
     from deepspeed.utils import safe_get_full_fp32_param
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    out: Optional[dict] = {} if rank == 0 else None
+    out: Optional[dict] = {} if rank == 0 or all_ranks else None
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)
         if full is None:  # no optimizer state (frozen param): the module weight is the truth

@@ -297,8 +297,12 @@ def operator_flops(op: LiGO) -> float:
 
 def fit_ligo(op: LiGO, data, steps: int, lr: float = 2e-4, weight_decay: float = 0.1, batch_size: int = 8,
              memory: str = "layerwise", mlm_fn: Optional[Callable] = None, mask_token_id: Optional[int] = None,
-             mlm_prob: float = 0.15, log_every: int = 0, grad_clip: float = 1.0, seed: int = 0) -> FitReport:
-    """Train the operator's maps for `steps` AdamW steps on the LM loss of the large model."""
+             mlm_prob: float = 0.15, log_every: int = 0, grad_clip: float = 1.0, seed: int = 0,
+             grad_hook: Optional[Callable[[list], None]] = None) -> FitReport:
+    """Train the operator's maps for `steps` AdamW steps on the LM loss of the large model.
+
+    `grad_hook(grads)` runs after each backward, before clipping: data-parallel callers average
+    the operator's gradients over ranks there (torch.distributed; nothing here knows of ranks)."""
     from ..schedules.flops import flops_per_token
 
     check_fit_options(op.small, lr, weight_decay, batch_size, memory, mlm_prob, log_every, grad_clip, mask_token_id)
@@ -324,6 +328,8 @@ def fit_ligo(op: LiGO, data, steps: int, lr: float = 2e-4, weight_decay: float =
             loss, step_flops = _count_flops(one_step)
         else:
             loss = one_step()
+        if grad_hook is not None:
+            grad_hook([p.grad for p in op.parameters() if p.grad is not None])
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(op.parameters(), grad_clip)
         opt.step()

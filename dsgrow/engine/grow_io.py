@@ -1,0 +1,59 @@
+"""Moving weights across a growth boundary under any ZeRO stage.
+
+The grown weights are written into the freshly built large model BEFORE deepspeed.initialize:
+the engine's fp32 master copies are made from the module then, so they equal the grown weights
+exactly; writing after initialize would be undone by the next optimizer step
+(deepspeed-facts.md). Under ZeRO-3 each rank writes only its own slice of each parameter
+(`p.ds_tensor`, flat elements [r*ps, (r+1)*ps), zero padding past the end): no gather, no
+broadcast.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def write_weights(model: torch.nn.Module, full: Callable[[str], torch.Tensor]) -> int:
+    """Write `full(name)` (the whole tensor, fp32, on CPU) into every parameter of `model`.
+
+    Returns the number of elements this rank wrote. `full` is called once per parameter, in
+    order, so a caller can materialise one tensor (or one layer) at a time.
+    """
+    rank, _ = _rank_world()
+    written = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            value = full(name)
+            if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition only
+                shard = p.ds_tensor
+                if tuple(value.shape) != tuple(p.ds_shape):
+                    raise ValueError(f"grown weight {name}: shape {list(value.shape)}, model has {list(p.ds_shape)}")
+                ps = shard.numel()
+                chunk = value.reshape(-1)[rank * ps:(rank + 1) * ps]
+                shard.zero_()
+                shard[:chunk.numel()].copy_(chunk.to(shard.dtype))
+                written += chunk.numel()
+            else:
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"grown weight {name}: shape {list(value.shape)}, model has {list(p.shape)}")
+                p.copy_(value.to(p.dtype))
+                written += p.numel()
+    return written
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average gradients over the data-parallel ranks in place (the growth fit's optimizer)."""
+    rank, world = _rank_world()
+    if world == 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(world)

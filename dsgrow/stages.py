@@ -1,0 +1,161 @@
+"""Growth stages of a recipe: which model trains for how many tokens, and how it grows.
+
+    stages:
+      - model: {family: gpt2, layers: 4, hidden: 128, heads: 4}
+        tokens: 2_000_000
+      - grow: {method: ligo, fit_steps: 100}
+        model: {layers: 8, hidden: 256, heads: 8}
+        tokens: 4_000_000
+        train: {lr: 1e-3}          # optional: this stage's train.* overrides
+
+A stage's `model` is merged over the previous stage's (the first over the recipe's `model`);
+`train` over the recipe's `train`. `tokens` is the stage's share of the run, the growth fit's
+tokens included (an integer, "2M", or a fraction of `budget.tokens`). Everything here is checked
+when the recipe loads, growth requests included, before any stage trains.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .families.spec import ModelSpec, SpecError
+
+STAGE_KEYS = ("model", "tokens", "grow", "train")
+# train.* fields a stage may not change: the data stream is in samples of seq_len, and the seed
+# and token count belong to the run.
+FIXED_TRAIN = ("seq_len", "seed", "tokens", "init_from")
+GROW_RUN_KEYS = ("method", "fit_steps", "optimizer", "fit_batch", "export_grown")
+
+
+@dataclass
+class Stage:
+    index: int
+    model: ModelSpec
+    tokens: int
+    """Tokens of this stage (the growth fit's included)."""
+    start: int
+    """Tokens consumed before the stage starts."""
+    train: Any
+    """The stage's TrainConfig (train.tokens = this stage's training tokens)."""
+    grow: Optional[dict] = None
+    """{method, fit_steps, optimizer, fit_batch, export_grown, **method options}; None for stage 0."""
+
+    @property
+    def end(self) -> int:
+        return self.start + self.tokens
+
+    def method_options(self) -> dict:
+        return {k: v for k, v in (self.grow or {}).items() if k not in GROW_RUN_KEYS}
+
+
+def parse_stages(recipe, budget_tokens: Optional[int]) -> list[Stage]:
+    """Resolve `recipe.stages` (a list of mappings) into Stage objects; ConfigError on bad input."""
+    from .config import ConfigError, TrainConfig, _build, parse_count
+
+    raw = recipe.stages
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("stages: expected a non-empty list of stages")
+    stages: list[Stage] = []
+    model = recipe.model.to_dict()
+    train_base = dataclasses.asdict(recipe.train)
+    train_base["tokens"] = None
+    start = 0
+    for i, s in enumerate(raw):
+        where = f"stages[{i}]"
+        if not isinstance(s, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(s).__name__}")
+        unknown = sorted(set(s) - set(STAGE_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown recipe key {where}.{unknown[0]} (known: {', '.join(STAGE_KEYS)})")
+        if "tokens" not in s or s["tokens"] in (None, 0):
+            raise ConfigError(f"{where}.tokens: every stage needs a positive token count")
+        tok = s["tokens"]
+        if isinstance(tok, float) and 0.0 < tok <= 1.0:
+            if budget_tokens is None:
+                raise ConfigError(f"{where}.tokens ({tok}) is a fraction but the recipe has no budget.tokens")
+            tok = int(tok * budget_tokens)
+        else:
+            tok = parse_count(tok, f"{where}.tokens")
+        if tok <= 0:
+            raise ConfigError(f"{where}.tokens must be positive, got {tok}")
+        m = s.get("model") or {}
+        if not isinstance(m, dict):
+            raise ConfigError(f"{where}.model: expected a mapping of sizes")
+        if "family" in m and m["family"] != model["family"] and i > 0:
+            raise ConfigError(f"{where}.model.family: {m['family']!r} differs from the previous stage's "
+                              f"{model['family']!r} (growth keeps the family)")
+        if i > 0:
+            # Sizes a stage leaves out follow its own width (head dim kept, FFN ratio kept).
+            for key in ("ffn",):
+                if key not in m and "hidden" in m:
+                    model[key] = None
+            if "heads" not in m and "hidden" in m and model.get("hidden"):
+                head_dim = model["hidden"] // model["heads"]
+                if m["hidden"] % head_dim:
+                    raise ConfigError(f"{where}.model: hidden {m['hidden']} is not a multiple of the head dim {head_dim}")
+                m = dict(m, heads=m["hidden"] // head_dim)
+        model = {**model, **m}
+        try:
+            spec = _build(ModelSpec, model, f"{where}.model")
+        except SpecError as e:
+            raise ConfigError(f"{where}.model: {e}") from None
+        tr = s.get("train") or {}
+        if not isinstance(tr, dict):
+            raise ConfigError(f"{where}.train: expected a mapping of train.* overrides")
+        fixed = sorted(set(tr) & set(FIXED_TRAIN))
+        if fixed:
+            raise ConfigError(f"{where}.train.{fixed[0]} cannot change between stages")
+        grow = s.get("grow")
+        if i == 0 and grow is not None:
+            raise ConfigError(f"{where}.grow: the first stage has nothing to grow from")
+        if i > 0:
+            if not isinstance(grow, dict):
+                raise ConfigError(f"{where}.grow: every stage after the first needs grow: {{method: ...}}")
+            grow = {"method": "ligo", "fit_steps": 0, "optimizer": "reset", "export_grown": False, **grow}
+            if grow["optimizer"] != "reset":
+                raise ConfigError(f"{where}.grow.optimizer: {grow['optimizer']!r} is not supported "
+                                  "(reset; moment transfer is not implemented yet)")
+        train = _build(TrainConfig, {**train_base, **tr}, f"{where}.train")
+        stages.append(Stage(i, spec, tok, start, train, grow))
+        start += tok
+    _check_growth(stages, recipe)
+    return stages
+
+
+def _check_growth(stages: list[Stage], recipe) -> None:
+    """Each growth request through dsgrow.growth's own checks (shrinking, head dims, options)."""
+    from .config import ConfigError
+    from .growth import GrowthError, check_request
+
+    vocab = recipe.data.vocab_size
+    for prev, cur in zip(stages, stages[1:]):
+        where = f"stages[{cur.index}].grow"
+        g = cur.grow
+        small, large = prev.model.with_vocab(vocab), cur.model.with_vocab(vocab)
+        fit_steps = g["fit_steps"]
+        if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0:
+            raise ConfigError(f"{where}.fit_steps must be an integer >= 0, got {fit_steps!r}")
+        try:
+            check_request(small, large, g["method"], fit_steps, **cur.method_options())
+        except GrowthError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        fit_tokens = fit_tokens_of(cur)
+        if fit_tokens >= cur.tokens:
+            raise ConfigError(f"{where}: the fit takes {fit_tokens} tokens, all of the stage's {cur.tokens}")
+        if cur.tokens - fit_tokens < cur.train.batch_plan().batch_at(0) * cur.train.seq_len:
+            raise ConfigError(f"stages[{cur.index}].tokens ({cur.tokens}) leaves less than one optimizer step "
+                              "after the growth fit")
+        cur.train.resolve_tokens(cur.tokens - fit_tokens)
+    stages[0].train.resolve_tokens(stages[0].tokens)
+
+
+def fit_batch(stage: Stage) -> int:
+    """Global blocks per LiGO fit step (all ranks together)."""
+    return int(stage.grow.get("fit_batch") or stage.train.global_batch)
+
+
+def fit_tokens_of(stage: Stage) -> int:
+    if not stage.grow or stage.grow["method"] != "ligo":
+        return 0
+    return stage.grow["fit_steps"] * fit_batch(stage) * stage.train.seq_len
