@@ -172,10 +172,14 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_tokens must be >= 0, got {self.warmup_tokens}")
         if tokens <= 0:
             raise ConfigError(f"train.tokens must be positive, got {tokens}")
-        first = self.batch_plan().batch_at(0) if self.adaptive_batch is None else self.adaptive_batch["min"]
-        if tokens < first * self.seq_len:
+        if tokens < self.first_step_tokens():
             raise ConfigError(f"train.tokens ({tokens}) is less than one optimizer step "
-                              f"({first} samples x seq_len {self.seq_len})")
+                              f"({self.first_step_tokens() // self.seq_len} samples x seq_len {self.seq_len})")
+
+    def first_step_tokens(self) -> int:
+        """Tokens of the run's first optimizer step (the smallest budget that trains at all)."""
+        first = self.batch_plan().batch_at(0) if self.adaptive_batch is None else self.adaptive_batch["min"]
+        return first * self.seq_len
 
     def _check_batch_options(self) -> None:
         from .schedules.batch import LR_RULES, AdaptiveBatch, GrowInsteadOfDecay, ScheduleError
@@ -263,8 +267,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.stages is not None:
             self._resolve_stages()
-            return
-        self._resolve_budget()
+        else:
+            self._resolve_budget()
         if self.model.max_seq_len < self.train.seq_len:
             raise ConfigError(f"model.max_seq_len ({self.model.max_seq_len}) is shorter than train.seq_len ({self.train.seq_len})")
         if self.model.vocab_size and self.model.vocab_size != self.data.vocab_size:
@@ -327,18 +331,18 @@ class Recipe:
             if need > float(b["flops"]):
                 raise ConfigError(f"stages: their tokens need {need:.3e} FLOPs, more than budget.flops "
                                   f"({float(b['flops']):.3e})")
-        self.train.resolve_tokens(total)
-        if self.model.max_seq_len < self.train.seq_len:
-            raise ConfigError(f"model.max_seq_len ({self.model.max_seq_len}) is shorter than train.seq_len ({self.train.seq_len})")
+        # Only the total: each stage resolves its own warmup, and train.warmup_tokens must stay as
+        # written so that a resumed run (which reads back recipe.yaml) parses the same stages.
+        self.train.tokens = total
+        self._plan = plan  # not a field: to_dict() keeps the recipe as written
 
     def stage_plan(self) -> list:
         """The run's stages (one stage, the recipe's model, for a recipe without `stages`)."""
-        from .stages import Stage, parse_stages
+        from .stages import Stage
 
         if self.stages is None:
             return [Stage(0, self.model, self.train.tokens, 0, self.train)]
-        budget_tokens = (self.budget or {}).get("tokens")
-        return parse_stages(self, parse_count(budget_tokens, "budget.tokens") if budget_tokens is not None else None)
+        return self._plan
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token of this recipe's model (the tokenizer has data.vocab_size pieces)."""
@@ -358,10 +362,9 @@ class Recipe:
                 raise ConfigError(f"train.tokens ({t.tokens}) needs {t.tokens * flops_per_token:.3e} FLOPs, more than "
                                   f"budget.flops ({b.flops:.3e})")
             tokens = t.tokens
-        first = t.batch_plan().batch_at(0) if t.adaptive_batch is None else t.adaptive_batch["min"]
-        if tokens < first * t.seq_len:
+        if tokens < t.first_step_tokens():
             raise ConfigError(f"budget.flops ({b.flops:.3e}) is less than one optimizer step "
-                              f"({first * t.seq_len * flops_per_token:.3e} FLOPs)")
+                              f"({t.first_step_tokens() * flops_per_token:.3e} FLOPs)")
         t.resolve_tokens(tokens)
 
     def to_dict(self) -> dict:

@@ -143,7 +143,7 @@ def _check_growth(stages: list[Stage], recipe) -> None:
         fit_tokens = fit_tokens_of(cur)
         if fit_tokens >= cur.tokens:
             raise ConfigError(f"{where}: the fit takes {fit_tokens} tokens, all of the stage's {cur.tokens}")
-        if cur.tokens - fit_tokens < cur.train.batch_plan().batch_at(0) * cur.train.seq_len:
+        if cur.tokens - fit_tokens < cur.train.first_step_tokens():
             raise ConfigError(f"stages[{cur.index}].tokens ({cur.tokens}) leaves less than one optimizer step "
                               "after the growth fit")
         cur.train.resolve_tokens(cur.tokens - fit_tokens)
