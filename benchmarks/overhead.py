@@ -97,6 +97,7 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overhead.json"))
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.overrides = ["stages=null", *a.overrides]  # the loop itself: one model, no growth stages
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

@@ -326,8 +326,18 @@ class Recipe:
         if "flops" in b:
             from .schedules.flops import flops_per_token
 
-            need = sum(s.tokens * flops_per_token(s.model.with_vocab(self.data.vocab_size), self.train.seq_len)
-                       for s in plan)
+            from .stages import fit_tokens_of
+
+            need = 0.0
+            for s in plan:
+                fpt = flops_per_token(s.model.with_vocab(self.data.vocab_size), self.train.seq_len)
+                # A LiGO fit step runs the large model forward and backward and, layerwise (the
+                # default), the forward once more under checkpointing: 8ND for its tokens, not 6ND.
+                # The operator's own matmuls (a few % at the benchmark's sizes) are not counted here;
+                # the run's meter counts them.
+                fit = fit_tokens_of(s)
+                recompute = 4 / 3 if (s.grow or {}).get("memory", "layerwise") == "layerwise" else 1.0
+                need += (s.tokens - fit) * fpt + fit * fpt * recompute
             if need > float(b["flops"]):
                 raise ConfigError(f"stages: their tokens need {need:.3e} FLOPs, more than budget.flops "
                                   f"({float(b['flops']):.3e})")
@@ -471,4 +481,15 @@ def load_recipe(path: Optional[str] = None, overrides: Sequence[str] = (), out: 
     model = tree.get("model")
     if model is not None and not isinstance(model, dict):
         raise ConfigError("model: expected a mapping")
+    train = tree.get("train")
+    if tree.get("stages") is not None and isinstance(train, dict) and train.get("tokens") is not None:
+        # A staged recipe's train.tokens can only restate the stages' total. It is set aside while
+        # the recipe is built: resolving it first would fix a fractional warmup against the whole
+        # run instead of against each stage's own tokens.
+        given = parse_count(train["tokens"], "train.tokens")
+        recipe = _build(Recipe, {**tree, "train": {**train, "tokens": None}}, "")
+        if given != recipe.train.tokens:
+            raise ConfigError(f"train.tokens ({given}) contradicts the stages' total ({recipe.train.tokens}); "
+                              "leave it unset")
+        return recipe
     return _build(Recipe, tree, "")

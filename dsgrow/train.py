@@ -81,6 +81,7 @@ class MetricsLog:
 
     def __init__(self, out: Path, enabled: bool):
         self.enabled = enabled
+        self.t0 = time.perf_counter()
         self.tb = None
         self.jsonl = None
         if enabled:
@@ -92,6 +93,7 @@ class MetricsLog:
     def log(self, record: dict, step: int) -> None:
         if not self.enabled:
             return
+        record = {**record, "elapsed_s": round(time.perf_counter() - self.t0, 3)}  # this process's clock
         for k, v in record.items():
             if isinstance(v, (int, float)) and k != "step":
                 self.tb.add_scalar(k, v, step)
@@ -449,13 +451,19 @@ class Trainer:
         return train_loss
 
     def _grow(self, log: "MetricsLog", start: float) -> None:
-        """Grow the current model into the next stage's, in this process, under any ZeRO stage."""
+        """Grow the current model into the next stage's, in this process, under any ZeRO stage.
+
+        Phases (each timed, with its per-rank peak memory): gather the small fp32 weights, fit the
+        operator, build the large model and write each rank's slices one large layer at a time,
+        build the new engine."""
         from .engine import checkpoint as ckpt
         from .engine.grow_io import all_reduce_mean_, write_weights
-        from .engine.runtime import ModelHandle, build_engine, destroy_engine, gather_fp32_state_dict
-        from .families import from_canonical, to_canonical
+        from .engine.runtime import ModelHandle, all_gather_object, build_engine, destroy_engine, gather_fp32_state_dict
+        from .families import to_canonical
         from .growth import LiGO, fit_ligo, grow_canonical
         from .growth.api import LIGO_OPTIONS
+        from .growth.stream import canonical_stream, ligo_stream
+        from .memory import phase, rss_mib, trim
         from .stages import fit_batch, fit_tokens_of
 
         nxt = self.stages[self.stage.index + 1]
@@ -463,77 +471,88 @@ class Trainer:
         small_spec, large_spec = self.spec, nxt.model.with_vocab(self.data.tokenizer.vocab_size)
         ev: dict = {"event": "growth", "stage": nxt.index, "method": g["method"], "step": self.step,
                     "tokens": self.tokens, "loss_before": self.last_val}
-        timings: dict = {}
+        phases: dict = {}
+        dev = self.device
         if g.get("export_grown"):  # the small model, for checking the growth against a one-process build
             self.export(self.out / "stages" / f"stage{self.stage.index}-final")
         t0 = time.perf_counter()
         # 1. The small model's fp32 master weights on every rank (the operator needs all of them),
-        #    one parameter gathered at a time.
-        sd = gather_fp32_state_dict(self.engine, all_ranks=True)
-        small = to_canonical(small_spec, sd)
-        ev["bytes_gathered"] = sum(v.numel() * v.element_size() for v in sd.values())
-        del sd
-        destroy_engine(self.engine)
-        self.engine = self.handle = None
-        timings["gather_s"] = time.perf_counter() - t0
-        # 2. The operator, fitted data-parallel on the run's own stream.
-        t1 = time.perf_counter()
+        #    one parameter gathered at a time; then the old engine is freed.
+        with phase(phases, "gather", dev):
+            sd = gather_fp32_state_dict(self.engine, all_ranks=True)
+            small = to_canonical(small_spec, sd)
+            ev["bytes_gathered"] = sum(v.numel() * v.element_size() for v in sd.values())
+            del sd
+            destroy_engine(self.engine)
+            self.engine = self.handle = None
+            trim()
+            base = rss_mib()  # the process without any engine, the small weights included
+        # 2. The operator, on the engine's device, fitted data-parallel on the run's own stream.
         opts = nxt.method_options()
         fit_flops = 0.0
-        if g["method"] == "ligo":
-            op = LiGO(small_spec, small, large_spec, **{k: v for k, v in opts.items() if k in LIGO_OPTIONS})
-            if g["fit_steps"]:
-                from .data import shard
+        with phase(phases, "fit", dev):
+            if g["method"] == "ligo":
+                op = LiGO(small_spec, small, large_spec,
+                          **{k: v for k, v in opts.items() if k in LIGO_OPTIONS}).to(dev)
+                del small
+                if g["fit_steps"]:
+                    from .data import shard
 
-                per_step = fit_batch(nxt)
+                    per_step = fit_batch(nxt)
 
-                def data(step: int) -> dict:
-                    position = self.stream.position
-                    mine = shard(self.stream.next_indices(per_step), self.rank, self.world)
-                    b = self._batch(mine, position + self.rank * len(mine))
-                    return {k: v.cpu() for k, v in b.items()}
+                    def data(step: int) -> dict:
+                        position = self.stream.position
+                        mine = shard(self.stream.next_indices(per_step), self.rank, self.world)
+                        return self._batch(mine, position + self.rank * len(mine))
 
-                fopts = {k: v for k, v in opts.items() if k not in LIGO_OPTIONS}
-                fopts.setdefault("batch_size", per_step // self.world)
-                rep = fit_ligo(op, data, g["fit_steps"], seed=opts.get("seed", 0), grad_hook=all_reduce_mean_, **fopts)
-                fit_flops = (rep.flops + rep.flops_operator) * self.world
-                ev.update(fit_loss_first=rep.losses[0], fit_loss_last=rep.losses[-1])
-                if self.rank == 0 and g.get("export_grown"):
-                    from safetensors.torch import save_file
+                    fopts = {k: v for k, v in opts.items() if k not in LIGO_OPTIONS}
+                    fopts.setdefault("batch_size", per_step // self.world)
+                    rep = fit_ligo(op, data, g["fit_steps"], seed=opts.get("seed", 0), grad_hook=all_reduce_mean_,
+                                   **fopts)
+                    fit_flops = (rep.flops + rep.flops_operator) * self.world
+                    ev.update(fit_loss_first=rep.losses[0], fit_loss_last=rep.losses[-1])
+                    if self.rank == 0 and g.get("export_grown"):
+                        from safetensors.torch import save_file
 
-                    (self.out / "stages").mkdir(exist_ok=True)
-                    save_file({k: v.detach().contiguous() for k, v in op.state_dict().items()},
-                              str(self.out / "stages" / f"stage{nxt.index}-ligo.safetensors"))
-            with torch.no_grad():
-                large = {k: v.detach() for k, v in op.materialize().items()}
-            del op
-        else:
-            large = grow_canonical(small_spec, small, large_spec, g["method"], **opts)
-        hf = from_canonical(large_spec, large)
-        del large, small
+                        (self.out / "stages").mkdir(exist_ok=True)
+                        save_file({k: v.detach().cpu().contiguous() for k, v in op.state_dict().items()},
+                                  str(self.out / "stages" / f"stage{nxt.index}-ligo.safetensors"))
+                ev["operator_bytes"] = sum(p.numel() * p.element_size() for p in op.parameters())
+                grown = ligo_stream(op)  # the stream keeps the operator alive until the write is done
+                del op
+            else:
+                grown = canonical_stream(large_spec, grow_canonical(small_spec, small, large_spec, g["method"],
+                                                                   **opts))
+                del small
         ckpt._fault_point("growth_fitted", f"stage{nxt.index}")  # crash tests: killed mid-growth
-        timings["fit_s"] = time.perf_counter() - t1
         fit_tokens = fit_tokens_of(nxt)
         self.tokens += fit_tokens
         self.flops += fit_flops
         if self.bar is not None:
             self.bar.update(fit_tokens)
-        # 3. The large model: built (under zero.Init for ZeRO-3), each rank's slices written, and
-        #    only then a new engine, so the fp32 masters are the grown weights.
-        t2 = time.perf_counter()
+        # 3. The large model: built (under zero.Init for ZeRO-3), each rank's slices written one
+        #    large layer at a time, and only then a new engine, so the fp32 masters are the grown
+        #    weights.
         self._enter_stage(nxt)
-        self.handle = ModelHandle(self.spec, self.ds_cfg, self.t.seed)
-        ev["elements_written"] = write_weights(self.handle.model, lambda name: hf[name])
-        del hf
-        timings["write_s"] = time.perf_counter() - t2
-        t3 = time.perf_counter()
-        self.engine = build_engine(self.handle.model, self.ds_cfg, self.t.lr, self.t.betas, self.t.eps,
-                                   self.t.weight_decay)
-        timings["engine_s"] = time.perf_counter() - t3
+        with phase(phases, "write", dev):
+            self.handle = ModelHandle(self.spec, self.ds_cfg, self.t.seed)
+            ev["elements_written"] = write_weights(self.handle.model, grown)
+            ev["largest_layer_bytes"] = grown.peak_layer_bytes
+            del grown
+        with phase(phases, "engine", dev):
+            self.engine = build_engine(self.handle.model, self.ds_cfg, self.t.lr, self.t.betas, self.t.eps,
+                                       self.t.weight_decay)
         self.stage_t0 = self.tokens
         self.growth_done = True
         self._reset_stage_state()
-        ev.update(timings, fit_tokens=fit_tokens, fit_flops=fit_flops, growth_s=time.perf_counter() - t0)
+        per_rank = all_gather_object({"phases": phases, "base": base})
+        ev["host_base_mib"] = [r["base"] for r in per_rank]
+        ev["memory_mib"] = {}
+        for name in phases:  # the slowest rank's time; every rank's memory
+            ev[f"{name}_s"] = max(r["phases"][name]["s"] for r in per_rank)
+            ev["memory_mib"][name] = {k: [r["phases"][name][f"{k}_mib"] for r in per_rank]
+                                      for k in ("host_start", "host_peak", "gpu_peak") if f"{k}_mib" in phases[name]}
+        ev.update(fit_tokens=fit_tokens, fit_flops=fit_flops, growth_s=time.perf_counter() - t0)
         if g.get("export_grown"):
             self.export(self.out / "stages" / f"stage{nxt.index}-grown")
         self.last_val = self.evaluate()

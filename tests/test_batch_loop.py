@@ -40,7 +40,7 @@ def reference_run(args: list[str], init_dir):
     from dsgrow.train import prepare_data
 
     overrides = [a for a in args if a != "--set"]
-    recipe = load_recipe(None, overrides)
+    recipe = load_recipe(None, ["stages=null", "stages=null", *overrides])
     t = recipe.train
     data = prepare_data(recipe, 0)
     spec = recipe.model.with_vocab(data.tokenizer.vocab_size)
@@ -149,22 +149,22 @@ def test_bad_schedule_and_budget_inputs_fail_at_load(overrides, needle):
     from dsgrow.config import ConfigError, load_recipe
 
     if needle is None:
-        r = load_recipe(None, overrides)
+        r = load_recipe(None, ["stages=null", "stages=null", *overrides])
         assert r.train.batch_plan().batch_at(1500) == 16
         return
     with pytest.raises(ConfigError) as e:
-        load_recipe(None, overrides)
+        load_recipe(None, ["stages=null", "stages=null", *overrides])
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_budget_fractions_and_lr_scaling():
     from dsgrow.config import load_recipe
 
-    r = load_recipe(None, ["budget={tokens: 4M}", "train.tokens=0.25"])
+    r = load_recipe(None, ["stages=null", "budget={tokens: 4M}", "train.tokens=0.25"])
     assert r.train.tokens == 1_000_000
-    r = load_recipe(None, ["budget={flops: 1e14}", "train.tokens=null"])
+    r = load_recipe(None, ["stages=null", "budget={flops: 1e14}", "train.tokens=null"])
     assert r.train.tokens == int(1e14 // r.flops_per_token())
-    r = load_recipe(None, ["train.batch_schedule=0:32 100K:128", "train.lr_scaling=sqrt", "train.global_batch=32"])
+    r = load_recipe(None, ["stages=null", "train.batch_schedule=0:32 100K:128", "train.lr_scaling=sqrt", "train.global_batch=32"])
     from dsgrow.schedules.batch import lr_factor_at
 
     assert lr_factor_at(r.train.batch_plan(), 200_000, 32, "sqrt") == pytest.approx(2.0)

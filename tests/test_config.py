@@ -15,10 +15,21 @@ def write(tmp_path, text, name="r.yaml"):
 
 
 def test_default_recipe_loads_and_overrides_apply():
-    r = load_recipe(None, ["train.lr=3e-4", "model.layers=6", "train.tokens=2M"], out="runs/x")
+    r = load_recipe(None, ["stages=null", "train.lr=3e-4", "model.layers=6", "train.tokens=2M"], out="runs/x")
     assert r.train.lr == pytest.approx(3e-4) and isinstance(r.train.lr, float)
     assert r.model.layers == 6 and r.train.tokens == 2_000_000 and r.out == "runs/x"
     assert r.train.warmup_tokens == int(0.05 * 2_000_000)
+
+
+def test_default_recipe_is_a_two_stage_growth_run():
+    r = load_recipe(None)
+    s0, s1 = r.stage_plan()
+    assert (s0.model.layers, s0.model.hidden, s1.model.layers, s1.model.hidden, s1.model.heads) == (4, 128, 8, 192, 6)
+    assert s1.grow["method"] == "ligo" and s1.grow["fit_steps"] > 0
+    assert s0.tokens + s1.tokens == r.train.tokens == 1_000_000
+    # The fit's tokens come out of stage 2's budget; each stage warms up over 5% of its own tokens.
+    assert s1.train.tokens == s1.tokens - s1.grow["fit_steps"] * s1.grow["fit_batch"] * r.train.seq_len
+    assert s1.train.warmup_tokens == int(0.05 * s1.train.tokens) and s1.train.lr == pytest.approx(1.5e-3)
 
 
 @pytest.mark.parametrize("text,count", [("2M", 2_000_000), ("500K", 500_000), ("1.5B", 1_500_000_000),
@@ -45,7 +56,7 @@ def test_parse_count(text, count):
 ])
 def test_bad_recipe_values_name_the_field(overrides, needle):
     with pytest.raises((ConfigError, SpecError)) as e:
-        load_recipe(None, overrides)
+        load_recipe(None, ["stages=null", "stages=null", *overrides])
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
 
@@ -60,7 +71,7 @@ def test_missing_and_invalid_recipe_files(tmp_path):
 
 
 def test_world_size_batch_arithmetic():
-    r = load_recipe(None, ["train.global_batch=48", "train.micro_batch=16", "train.eval_samples=48"])
+    r = load_recipe(None, ["stages=null", "train.global_batch=48", "train.micro_batch=16", "train.eval_samples=48"])
     r.train.check_world(1)
     r.train.check_world(3)
     with pytest.raises(ConfigError, match="not divisible by train.micro_batch"):
@@ -72,7 +83,7 @@ def ds(tmp_path, cfg):
 
 
 def test_ds_config_auto_fields_filled(tmp_path):
-    r = load_recipe(None, ["train.global_batch=64", "train.micro_batch=8", "train.grad_clip=0.5"])
+    r = load_recipe(None, ["stages=null", "train.global_batch=64", "train.micro_batch=8", "train.grad_clip=0.5"])
     cfg = fill_ds_config(read_ds_config("ds_configs/zero3_offload.json"), r.train, world_size=2, precision="bf16")
     assert cfg["train_batch_size"] == 64 and cfg["train_micro_batch_size_per_gpu"] == 8
     assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 0.5
@@ -91,7 +102,7 @@ def test_ds_config_auto_fields_filled(tmp_path):
     ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage"),
 ])
 def test_ds_config_contradictions(tmp_path, cfg, needle):
-    r = load_recipe(None)
+    r = load_recipe(None, ["stages=null"])
     with pytest.raises(ConfigError) as e:
         fill_ds_config(ds(tmp_path, cfg), r.train, world_size=1, precision="fp32")
     assert needle in str(e.value) and "\n" not in str(e.value)

@@ -115,3 +115,27 @@ def test_stage_with_no_growth_method_for_the_family_is_refused_at_start(tmp_path
                         check=False)
     assert proc.returncode != 0 and "stages[1].grow" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_flop_budget_counts_the_growth_fit():
+    """A LiGO fit's tokens cost 8ND (forward, backward and the layerwise recompute), not 6ND: a
+    FLOP budget that only 6ND fits is refused at load, and the same stages without a fit load."""
+    from dsgrow.config import ConfigError, load_recipe
+    from dsgrow.schedules.flops import flops_per_token
+
+    def recipe(fit_steps: int, flops: float):
+        stages = (f"[{{model: {SMALL}, tokens: 8192}}, {{grow: {{method: ligo, fit_steps: {fit_steps}}}, "
+                  f"model: {{layers: 4, hidden: 128}}, tokens: 16384}}]")
+        return load_recipe(None, ["train.tokens=null", "train.global_batch=16", "train.micro_batch=4",
+                                  "train.seq_len=64", "model.max_seq_len=64", "data.vocab_size=512",
+                                  f"budget={{flops: {flops}}}", f"stages={stages}"])
+
+    base = recipe(0, 1e15)
+    s0, s1 = base.stage_plan()
+    f0 = 8192 * flops_per_token(s0.model.with_vocab(512), 64)
+    f1 = flops_per_token(s1.model.with_vocab(512), 64)
+    six_nd = f0 + 16384 * f1
+    fit_tokens = 4 * 16 * 64
+    recipe(4, six_nd + fit_tokens * f1 / 3 * 1.01)  # fits with the recompute counted
+    with pytest.raises(ConfigError, match="budget.flops"):
+        recipe(4, six_nd * 1.001)

@@ -16,7 +16,7 @@ from conftest import REPO, run_launcher
 
 VOCAB = 512
 # A tiny GPT-2 on the Shakespeare corpus: 16 samples x 64 tokens a step, 2 micro-batches a rank.
-TINY = ["model.layers=2", "model.hidden=64", "model.heads=4", "model.max_seq_len=64",
+TINY = ["stages=null", "model.layers=2", "model.hidden=64", "model.heads=4", "model.max_seq_len=64",
         f"data.vocab_size={VOCAB}", "train.seq_len=64", "train.micro_batch=4", "train.global_batch=16",
         "train.lr=3e-3", "train.eval_samples=32", "train.log_every=4"]
 
@@ -29,12 +29,12 @@ def tiny(tokens: int, *extra: str) -> list[str]:
 
 
 def zero3_config(tmp_path: Path) -> str:
-    """ZeRO-3 with partitioning really on: tiny models sit under the default persistence threshold."""
-    cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    p = tmp_path / "zero3_partitioned.json"
-    p.write_text(json.dumps(cfg))
-    return str(p)
+    """ZeRO-3 with partitioning really on: tiny models sit under zero3.json's persistence threshold,
+    so ds_configs/zero3_partitioned.json sets it to 0 (every parameter partitioned)."""
+    path = REPO / "ds_configs" / "zero3_partitioned.json"
+    cfg = json.loads(path.read_text())
+    assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    return str(path)
 
 
 def metrics(out: Path) -> list[dict]:

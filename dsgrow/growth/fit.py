@@ -173,6 +173,21 @@ def _layer_list(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
     raise GrowthError(f"{type(model).__name__}: no list of {n_layers} blocks found")
 
 
+def one_block_hf(spec1: ModelSpec, glob: Optional[dict], layer0: Optional[dict]) -> dict:
+    """HF tensors of the one-block model `spec1` made of the canonical non-layer tensors `glob` and
+    one layer's `layer0` ({suffix: tensor}); zero placeholders where either is None. How a single
+    large layer (or the globals alone) is named and laid out the HF way without the whole model."""
+    from ..families import canonical_shapes
+
+    c = {}
+    for k, shape in canonical_shapes(spec1).items():
+        if k.startswith("layers.0."):
+            c[k] = layer0[k[9:]] if layer0 is not None else torch.zeros(()).expand(shape)
+        else:
+            c[k] = glob[k] if glob is not None else torch.zeros(()).expand(shape)
+    return from_canonical(spec1, c)
+
+
 class _GeneratedLayer(nn.Module):
     """Stands in for one HF block: makes the block's weights, then runs the block on them, under
     activation checkpointing (so the weights are remade in backward instead of kept)."""
@@ -222,16 +237,7 @@ class LargeRunner:
                 self.blocks[i] = _GeneratedLayer(self.blocks[i], self._maker(i), use_checkpoint=True)
 
     def _hf(self, glob: dict, layer0: Optional[dict]) -> dict:
-        """HF tensors of a one-block model made of `glob` and `layer0` (placeholders where None)."""
-        from ..families import canonical_shapes
-
-        c = {}
-        for k, shape in canonical_shapes(self.spec1).items():
-            if k.startswith("layers.0."):
-                c[k] = layer0[k[9:]] if layer0 is not None else torch.zeros(()).expand(shape)
-            else:
-                c[k] = glob[k] if glob is not None else torch.zeros(()).expand(shape)
-        return from_canonical(self.spec1, c)
+        return one_block_hf(self.spec1, glob, layer0)
 
     def _maker(self, i: int) -> Callable[[], Callable[[], dict]]:
         def bind() -> Callable[[], dict]:
@@ -309,6 +315,8 @@ def fit_ligo(op: LiGO, data, steps: int, lr: float = 2e-4, weight_decay: float =
     if steps < 0:
         raise GrowthError(f"fit_steps must be >= 0, got {steps}")
     runner = LargeRunner(op.large, layerwise=memory == "layerwise")
+    # The skeleton's buffers (rotary frequencies, masks) follow the operator to its device.
+    runner.model.to(next(op.parameters()).device)
     stream = batches(data, op.large, batch_size, seed, make_masker(op.large, mlm_fn, mask_token_id, mlm_prob, seed))
     opt = torch.optim.AdamW(op.parameters(), lr=lr, weight_decay=weight_decay)
     op.train()
@@ -338,6 +346,8 @@ def fit_ligo(op: LiGO, data, steps: int, lr: float = 2e-4, weight_decay: float =
         if log_every and (step + 1) % log_every == 0:
             print(f"  ligo fit step {step + 1}/{steps}: loss {losses[-1]:.4f}", flush=True)
     wall = time.perf_counter() - t0
+    op.zero_grad(set_to_none=True)  # the gradients would otherwise live as long as the operator
+    del opt
     op.eval()
     f_op = operator_flops(op) * steps if steps else 0.0
     return FitReport(steps=steps, tokens=tokens, losses=losses, wall_s=wall, flops=step_flops * steps,

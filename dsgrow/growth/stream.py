@@ -1,0 +1,96 @@
+"""A grown model's Hugging Face tensors, made one large layer at a time.
+
+Writing a grown model into a sharded (ZeRO-3) engine needs each parameter once, in the model's
+own order, and each rank keeps only its slice. `LayerStream` answers "the full tensor named X"
+by making the large layer X belongs to when it is first asked for and dropping the previous
+one, so a rank never holds more than the non-layer tensors (embeddings, final norm, head) and
+one large layer beside whatever the operator itself needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+from ..families import ModelSpec
+from ..families.hf_io import _auto_class
+from .fit import _layer_list, one_block_hf
+from .ops import GrowthError
+
+
+def _hf_block_names(spec: ModelSpec) -> str:
+    """The dotted name of the HF model's list of blocks ("transformer.h", "model.layers", ...),
+    read off a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = _auto_class(spec).from_config(spec.to_hf_config())
+    name, _ = _layer_list(model, spec.layers)
+    return name
+
+
+class LayerStream:
+    """`stream(name)` -> the full fp32 tensor of HF parameter `name` of the grown model.
+
+    glob: the canonical non-layer tensors (tok_emb, final_norm.*, head.*, ...).
+    make_layer(i): large layer i as {canonical suffix: tensor}.
+    Layers may be asked in any order; in the model's order each is made exactly once.
+    """
+
+    def __init__(self, spec: ModelSpec, glob: dict, make_layer: Callable[[int], dict]):
+        self.spec = spec
+        self.spec1 = dataclasses.replace(spec, layers=1)
+        self.prefix = _hf_block_names(spec) + "."
+        self.make_layer = make_layer
+        self.glob = {k: v for k, v in self._hf(glob, None).items() if not k.startswith(self.prefix)}
+        self._layer: tuple[Optional[int], dict] = (None, {})
+        self.layers_made = 0
+        self.peak_layer_bytes = 0
+
+    def _hf(self, glob: Optional[dict], layer0: Optional[dict]) -> dict:
+        return one_block_hf(self.spec1, glob, layer0)
+
+    def _make(self, i: int) -> dict:
+        self._layer = (None, {})  # drop the previous layer before making the next
+        hf = self._hf(None, self.make_layer(i))
+        block0 = self.prefix + "0."
+        layer = {k[len(block0):]: t for k, t in hf.items() if k.startswith(block0)}
+        self.layers_made += 1
+        self.peak_layer_bytes = max(self.peak_layer_bytes, sum(t.numel() * t.element_size() for t in layer.values()))
+        return layer
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name in self.glob:
+            return self.glob[name]
+        if not name.startswith(self.prefix):
+            raise GrowthError(f"grown model has no tensor {name}")
+        idx, rest = name[len(self.prefix):].split(".", 1)
+        i = int(idx)
+        if self._layer[0] != i:
+            self._layer = (i, self._make(i))
+        if rest not in self._layer[1]:
+            raise GrowthError(f"grown model has no tensor {name}")
+        return self._layer[1][rest]
+
+
+def ligo_stream(op) -> LayerStream:
+    """The large model a fitted LiGO operator makes, one large layer at a time."""
+    with torch.no_grad():
+        res = op.res_map()
+        glob = {k: t.detach() for k, t in op.global_weights(res).items()}
+
+    def make(i: int) -> dict:
+        with torch.no_grad():
+            return {s: t.detach().contiguous() for s, t in op.streamed_layer(i, res).items()}
+
+    return LayerStream(op.large, glob, make)
+
+
+def canonical_stream(spec: ModelSpec, large: dict) -> LayerStream:
+    """A large canonical dict already in memory (the closed-form operators), served the same way."""
+    glob = {k: v for k, v in large.items() if not k.startswith("layers.")}
+
+    def make(i: int) -> dict:
+        p = f"layers.{i}."
+        return {k[len(p):]: v for k, v in large.items() if k.startswith(p)}
+
+    return LayerStream(spec, glob, make)

@@ -1,0 +1,76 @@
+"""The growth-vs-scratch benchmark's --quick mode end to end (no savings asserted: it is a smoke
+test of the pipeline, on models far too small to show them)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def test_growth_vs_scratch_quick(tmp_path):
+    out, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "growth_vs_scratch.py"), "--quick", "--methods", "ligo,fpi",
+           "--work", str(work), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(re.findall(r"^  \S+: \d+ s$", proc.stdout, re.M)) == 4  # small, scratch, 2 grown runs trained
+    res = json.loads((out / "growth_vs_scratch-tiny-gpt2-quick.json").read_text())
+    seed = res["seeds"][0]
+    rows = seed["rows"]
+    assert set(rows) == {"scratch", "ligo", "fpi"}
+    assert seed["target"] == rows["scratch"]["final_val_loss"] == rows["scratch"]["curve"]["loss"][-1]
+    # FPI is function preserving: the grown model's first held-out loss is the small model's last.
+    assert rows["fpi"]["loss_after_growth"] == pytest.approx(seed["small"]["final_val_loss"], abs=1e-4)
+    # The LiGO fit's FLOPs are counted, and a reached target's saving follows from them.
+    assert rows["ligo"]["fit_flops"] > 0 and rows["fpi"]["fit_flops"] == 0
+    for m in ("ligo", "fpi"):
+        r = rows[m]
+        if r["reached"]:
+            assert r["saving_given"] == pytest.approx(1 - r["flops_to_target"] / seed["scratch_flops"])
+        else:
+            assert "flops_to_target" not in r
+    assert (out / "growth_vs_scratch-tiny-gpt2-quick.png").stat().st_size > 10_000
+    assert "| ligo |" in (out / "growth_vs_scratch-tiny-gpt2-quick.md").read_text()
+    # A second invocation reuses every finished run (nothing is trained again).
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert again.returncode == 0 and not re.search(r"^  \S+: \d+ s$", again.stdout, re.M), again.stdout
+
+
+def test_growth_vs_scratch_refuses_an_unknown_method(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "growth_vs_scratch.py"), "--quick",
+                           "--methods", "ligo,magic", "--work", str(tmp_path), "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "magic" in proc.stderr and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "benchmarks" / "recipes").glob("*.yaml")))
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_benchmark_recipe_is_valid(tmp_path, name, quick):
+    """Each shipped benchmark recipe: every run's dsgrow recipe loads and every growth request is
+    one the method can carry out (what the benchmark checks before it trains anything)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import growth_vs_scratch as gvs
+    finally:
+        sys.path.pop(0)
+    cfg = gvs.load_bench(str(REPO / "benchmarks" / "recipes" / f"{name}.yaml"), quick)
+    gvs.validate(cfg, list(cfg["methods"]), tmp_path)
+    assert not any(tmp_path.iterdir())  # the check leaves nothing behind
+
+
+def test_a_method_that_cannot_grow_the_pair_fails_before_training(tmp_path):
+    recipe = (REPO / "benchmarks" / "recipes" / "tiny-gpt2.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.replace("hidden: 64, heads: 4, max_seq_len: 64}", "hidden: 48, heads: 3, max_seq_len: 64}"))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "growth_vs_scratch.py"), "--recipe", str(bad),
+                           "--quick", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "methods.stack" not in proc.stderr
+    assert "hyperclone" in proc.stderr and "integer multiples" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w" / "seed1234").exists()
