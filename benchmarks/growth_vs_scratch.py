@@ -7,7 +7,8 @@
 Every run is a real launcher run (launchers/pretrain.py, 1 rank, the given ds_config) on the same
 corpus, tokenizer, data order, held-out split, LR schedule shape and seed:
 
-- scratch: the large model from random init for `large_tokens` (one run per LR in `lrs`);
+- scratch: the large model from random init for `large_tokens` (one run per LR in `scratch_lrs`,
+           default `lrs`: scratch may get its own, wider sweep);
 - small:   the small model for its own `small.tokens` (shared by every grown run);
 - grown:   per method, the small model grown in one process (dsgrow.growth.grow; LiGO fitted on
            the training split with its FLOPs counted), then the large model trained from those
@@ -41,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from dsgrow.config import parse_count  # noqa: E402
 
-KNOWN = {"name", "base", "small", "large_tokens", "evals", "lrs", "seeds", "methods", "quick"}
+KNOWN = {"name", "base", "small", "large_tokens", "evals", "lrs", "scratch_lrs", "seeds", "methods", "quick"}
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -68,6 +69,7 @@ def load_bench(path: str, quick: bool) -> dict:
     cfg["large_tokens"] = parse_count(cfg["large_tokens"], "large_tokens")
     cfg.setdefault("evals", 16)
     cfg.setdefault("lrs", [cfg["base"].get("train", {}).get("lr", 1e-3)])
+    cfg.setdefault("scratch_lrs", cfg["lrs"])
     cfg.setdefault("seeds", [1234])
     return cfg
 
@@ -223,11 +225,13 @@ def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict
     small_c = curve(small_out)
     small_wall = small_c["wall"][-1]
     scratch = {lr: curve(runner.run(f"scratch-lr{lr:g}", runner.recipe(f"scratch-lr{lr:g}", {}, L, lr, seed)))
-               for lr in cfg["lrs"]}
+               for lr in cfg["scratch_lrs"]}
     s_lr, s = pick(scratch)
     target, F, W = s["final_val_loss"], s["total_flops"], s["wall"][-1]
     rows = {"scratch": {"lr": s_lr, "flops_to_target": F, "wall_to_target_s": W, "final_val_loss": target,
-                        "curve": s, "reached": True, "saving_given": 0.0, "saving_end_to_end": 0.0}}
+                        "curve": s, "reached": True, "saving_given": 0.0, "saving_end_to_end": 0.0,
+                        "sweep": {str(lr): {"final_train_loss": c["final_train_loss"], "final_val_loss": c["final_val_loss"]}
+                                  for lr, c in scratch.items()}}}
     for m in methods:
         g = grow_small(cfg, small_out / "final_model", m, cfg["methods"][m] or {}, work / f"grown-{m}", seed)
         runs = {lr: curve(runner.run(f"{m}-lr{lr:g}", runner.recipe(f"{m}-lr{lr:g}", {}, L, lr, seed,
@@ -264,7 +268,10 @@ def table(res: dict) -> str:
     targets = ", ".join(format(s["target"], ".4f") for s in seeds)
     seed_list = ", ".join(str(s["seed"]) for s in seeds)
     small = seeds[0]["small"]
-    lines = [f"Target: scratch final held-out loss {targets} (seed(s) {seed_list}); small model: "
+    sweep = seeds[0]["rows"]["scratch"].get("sweep", {})
+    picked = ", ".join(format(s["rows"]["scratch"]["lr"], "g") for s in seeds)
+    lines = [f"Target: scratch final held-out loss {targets} (seed(s) {seed_list}); scratch LR {picked}, picked "
+             f"by final train loss of {', '.join(sweep) or picked}; small model: "
              f"{small['total_flops']:.3e} FLOPs, final held-out loss {small['final_val_loss']:.4f}.", "",
              "| method | reached | FLOPs to target | saving, small given | saving, end to end | wall to target s "
              "| wall saving, given | loss at equal FLOPs (given) | final loss | loss right after growth |",
