@@ -164,20 +164,12 @@ class LiGO(nn.Module):
         """Large layer l made with one widened small layer alive at a time (L1 widenings per large
         layer instead of L1 in all): what writing a grown model into a sharded engine uses, so a
         rank holds the operator, one widened layer and one large layer, never the large model.
-        The sum runs in the same order as `large_layer`'s, so the tensors are bitwise equal."""
+        The same sum as `large_layer`'s, in the same order, so the tensors are bitwise equal."""
         res = res or self.res_map()
         w, ident = self.depth_weights()
-        acc: dict = {}
-        for j in range(self.small.layers):
-            wid = widen_layer(self.small_layer(j), self.layer_maps(j, res), self.head_tied)
-            for s, t in wid.items():
-                term = w[s][l, j].to(t.dtype) * t
-                acc[s] = term if j == 0 else acc[s] + term
-            del wid
-        if ident is not None:
-            for s in ident:
-                acc[s] = acc[s] + ident[s][l].to(acc[s].dtype)
-        return acc
+        widened = (widen_layer(self.small_layer(j), self.layer_maps(j, res), self.head_tied)
+                   for j in range(self.small.layers))
+        return mix_one_layer(widened, w, l, ident)
 
     def forward(self) -> dict:
         """The whole large canonical dict."""

@@ -236,18 +236,22 @@ def depth_mix(widened: Sequence[dict], w: dict, identity: Optional[dict] = None)
     return [mix_one_layer(widened, w, l, identity) for l in range(L2)]
 
 
-def mix_one_layer(widened: Sequence[dict], w: dict, l: int, identity: Optional[dict] = None) -> dict:
-    """Large layer l: tensor s is ``sum_j w[s][l, j] * widened[j][s]``.
+def mix_one_layer(widened: Iterable[dict], w: dict, l: int, identity: Optional[dict] = None) -> dict:
+    """Large layer l: tensor s is ``sum_j w[s][l, j] * widened[j][s]``, summed in j order.
 
+    `widened` may be any iterable of the L1 widened layers: a generator makes each one only when
+    the sum reaches it, so one widened layer is alive at a time (LiGO.streamed_layer).
     `identity` (post-LN only) maps a norm weight name to ``[L2]`` coefficients of the identity
     norm: gain ``+= c[l] * 1``. The identity norm's bias is 0, so biases need no such term.
     """
-    layer = {}
-    for s in widened[0]:
-        t = sum(w[s][l, j].to(widened[j][s].dtype) * widened[j][s] for j in range(len(widened)))
-        if identity is not None and s in identity:
-            t = t + identity[s][l].to(t.dtype)
-        layer[s] = t
+    layer: dict = {}
+    for j, wid in enumerate(widened):
+        for s, t in wid.items():
+            term = w[s][l, j].to(t.dtype) * t
+            layer[s] = term if j == 0 else layer[s] + term
+    if identity is not None:
+        for s in identity:
+            layer[s] = layer[s] + identity[s][l].to(layer[s].dtype)
     return layer
 
 
