@@ -26,6 +26,9 @@ STAGE_KEYS = ("model", "tokens", "grow", "train")
 # and token count belong to the run.
 FIXED_TRAIN = ("seq_len", "seed", "tokens", "init_from")
 GROW_RUN_KEYS = ("method", "fit_steps", "optimizer", "fit_batch", "export_grown")
+# Adam's state at a growth: a fresh optimizer, or the small model's moments mapped onto the large
+# one (function-preserving copy operators only; growth/moments.py).
+OPTIMIZER_CHOICES = ("reset", "transfer")
 
 
 @dataclass
@@ -113,9 +116,9 @@ def parse_stages(recipe, budget_tokens: Optional[int]) -> list[Stage]:
             if not isinstance(grow, dict):
                 raise ConfigError(f"{where}.grow: every stage after the first needs grow: {{method: ...}}")
             grow = {"method": "ligo", "fit_steps": 0, "optimizer": "reset", "export_grown": False, **grow}
-            if grow["optimizer"] != "reset":
-                raise ConfigError(f"{where}.grow.optimizer: {grow['optimizer']!r} is not supported "
-                                  "(reset; moment transfer is not implemented yet)")
+            if grow["optimizer"] not in OPTIMIZER_CHOICES:
+                raise ConfigError(f"{where}.grow.optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, "
+                                  f"got {grow['optimizer']!r}")
         train = _build(TrainConfig, {**train_base, **tr}, f"{where}.train")
         stages.append(Stage(i, spec, tok, start, train, grow))
         start += tok
@@ -127,6 +130,7 @@ def _check_growth(stages: list[Stage], recipe) -> None:
     """Each growth request through dsgrow.growth's own checks (shrinking, head dims, options)."""
     from .config import ConfigError
     from .growth import GrowthError, check_request
+    from .growth.moments import check_transfer
 
     vocab = recipe.data.vocab_size
     for prev, cur in zip(stages, stages[1:]):
@@ -138,6 +142,8 @@ def _check_growth(stages: list[Stage], recipe) -> None:
             raise ConfigError(f"{where}.fit_steps must be an integer >= 0, got {fit_steps!r}")
         try:
             check_request(small, large, g["method"], fit_steps, **cur.method_options())
+            if g["optimizer"] == "transfer":
+                check_transfer(small, large, g["method"], cur.method_options())
         except GrowthError as e:
             raise ConfigError(f"{where}: {e}") from None
         fit_tokens = fit_tokens_of(cur)

@@ -141,6 +141,7 @@ def check_init_from(path: str, spec: ModelSpec) -> None:
 
 class Trainer:
     def __init__(self, recipe: Recipe, ds_config_path: str, resume: bool = False):
+        from .config import ConfigError
         from .engine import checkpoint as ckpt
         from .engine.ds_config import fill_ds_config, read_ds_config, resolve_precision, zero_stage
         from .engine.runtime import ModelHandle, build_engine, has_gpu, init_distributed
@@ -156,6 +157,10 @@ class Trainer:
         for st in self.stages:  # every stage's batch arithmetic and ds_config, before any work
             st.train.check_world(self.world)
             fill_ds_config(ds_raw, st.train, self.world, self.precision)
+            if st.grow and st.grow["optimizer"] == "transfer" and "optimizer" in ds_raw:
+                raise ConfigError(f"stages[{st.index}].grow.optimizer: transfer moves the moments of the torch "
+                                  f"AdamW dsgrow builds; {ds_config_path} names its own optimizer "
+                                  f"({ds_raw['optimizer'].get('type')})")
         self.out = Path(recipe.out)
         self.ckroot = self.out / "checkpoints"
         tag = ckpt.resolve_resume(self.ckroot, resume)
@@ -458,10 +463,13 @@ class Trainer:
         build the new engine."""
         from .engine import checkpoint as ckpt
         from .engine.grow_io import all_reduce_mean_, write_weights
+        from .engine.optim_state import KEYS as MOMENT_KEYS
+        from .engine.optim_state import gather_moments, prime_adam_state, write_moments
         from .engine.runtime import ModelHandle, all_gather_object, build_engine, destroy_engine, gather_fp32_state_dict
         from .families import to_canonical
         from .growth import LiGO, fit_ligo, grow_canonical
         from .growth.api import LIGO_OPTIONS
+        from .growth.moments import moment_streams
         from .growth.stream import canonical_stream, ligo_stream
         from .memory import phase, rss_mib, trim
         from .stages import fit_batch, fit_tokens_of
@@ -473,6 +481,7 @@ class Trainer:
                     "tokens": self.tokens, "loss_before": self.last_val}
         phases: dict = {}
         dev = self.device
+        transfer = g["optimizer"] == "transfer"
         if g.get("export_grown"):  # the small model, for checking the growth against a one-process build
             self.export(self.out / "stages" / f"stage{self.stage.index}-final")
         t0 = time.perf_counter()
@@ -483,6 +492,15 @@ class Trainer:
             small = to_canonical(small_spec, sd)
             ev["bytes_gathered"] = sum(v.numel() * v.element_size() for v in sd.values())
             del sd
+            if transfer:  # Adam's moments too (3x the small model), one parameter at a time
+                moments = gather_moments(self.engine)
+                ev["bytes_gathered"] += sum(v.numel() * v.element_size() for k in MOMENT_KEYS
+                                            for v in moments[k].values())
+                if self.rank == 0 and g.get("export_grown"):
+                    self._export_moments(moments, f"stage{self.stage.index}-final")
+                small_moments = {k: to_canonical(small_spec, moments[k]) for k in MOMENT_KEYS}
+                adam_step = moments["step"]
+                del moments
             destroy_engine(self.engine)
             self.engine = self.handle = None
             trim()
@@ -509,7 +527,7 @@ class Trainer:
                     fopts.setdefault("batch_size", per_step // self.world)
                     rep = fit_ligo(op, data, g["fit_steps"], seed=opts.get("seed", 0), grad_hook=all_reduce_mean_,
                                    **fopts)
-                    fit_flops = (rep.flops + rep.flops_operator) * self.world
+                    fit_flops = rep.flops * self.world  # the operator's FLOPs are part of it
                     ev.update(fit_loss_first=rep.losses[0], fit_loss_last=rep.losses[-1])
                     if self.rank == 0 and g.get("export_grown"):
                         from safetensors.torch import save_file
@@ -542,6 +560,22 @@ class Trainer:
         with phase(phases, "engine", dev):
             self.engine = build_engine(self.handle.model, self.ds_cfg, self.t.lr, self.t.betas, self.t.eps,
                                        self.t.weight_decay)
+        if transfer:
+            # 4. Adam's state: the small moments through the operator's gradient map, one large
+            #    layer at a time, with the step count carried (growth/moments.py).
+            with phase(phases, "optimizer", dev):
+                streams = moment_streams(small_spec, self.spec, g["method"], opts, small_moments["exp_avg"],
+                                         small_moments["exp_avg_sq"])
+                del small_moments
+                prime_adam_state(self.engine, adam_step)
+                ev["moments_written"] = sum(write_moments(self.engine, k, streams[k]) for k in MOMENT_KEYS)
+                ev["adam_step"] = adam_step
+                del streams
+            if g.get("export_grown"):
+                grown_moments = gather_moments(self.engine)
+                if self.rank == 0:
+                    self._export_moments(grown_moments, f"stage{nxt.index}-grown")
+                del grown_moments
         self.stage_t0 = self.tokens
         self.growth_done = True
         self._reset_stage_state()
@@ -563,6 +597,15 @@ class Trainer:
             self.say(f"grew {small_spec.layers}x{small_spec.hidden} -> {large_spec.layers}x{large_spec.hidden} "
                      f"({g['method']}): val loss {ev['loss_before']:.4f} -> {ev['loss_after']:.4f}, "
                      f"{ev['growth_s']:.1f} s")
+
+    def _export_moments(self, moments: dict, name: str) -> None:
+        """stages/<name>-adam.safetensors: exp_avg.<param>, exp_avg_sq.<param> (HF names) and the
+        Adam step in the metadata; written with export_grown, for checking a transfer."""
+        from safetensors.torch import save_file
+
+        (self.out / "stages").mkdir(parents=True, exist_ok=True)
+        flat = {f"{k}.{n}": t.contiguous() for k in ("exp_avg", "exp_avg_sq") for n, t in moments[k].items()}
+        save_file(flat, str(self.out / "stages" / f"{name}-adam.safetensors"), metadata={"step": str(moments["step"])})
 
     def save(self, elapsed: float, tag: Optional[str] = None) -> None:
         from .engine import checkpoint as ckpt
@@ -650,6 +693,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trainer.run()
         trainer.close()
     except ValueError as e:  # ConfigError, SpecError, DataError, CheckpointError: one line, no traceback
+        if os.environ.get("DSGROW_TRACEBACK"):  # ... unless asked for (debugging a ValueError from a library)
+            raise
         if os.environ.get("RANK", "0") == "0":
             print(f"dsgrow: error: {e}", file=sys.stderr)
         return 2

@@ -91,7 +91,7 @@ def test_resume_before_during_and_after_growth(tmp_path, fault):
     (f"[{{model: {SMALL}, tokens: 8K}}, {{grow: {{method: fpi}}, model: {{layers: 4}}}}]", "stages[1].tokens"),
     (f"[{{model: {SMALL}, tokens: 8K}}, {{model: {{layers: 4}}, tokens: 8K}}]", "stages[1].grow"),
     (f"[{{model: {SMALL}, tokens: 8K, grow: {{method: fpi}}}}]", "stages[0].grow"),
-    (f"[{{model: {SMALL}, tokens: 8K}}, {{grow: {{method: fpi, optimizer: transfer}}, model: {{layers: 4}}, tokens: 8K}}]",
+    (f"[{{model: {SMALL}, tokens: 8K}}, {{grow: {{method: ligo, optimizer: transfer}}, model: {{layers: 4}}, tokens: 8K}}]",
      "optimizer"),
     (f"[{{model: {SMALL}, tokens: 8K}}, {{grow: {{method: ligo, fit_steps: 100}}, model: {{layers: 4}}, tokens: 8K}}]",
      "fit takes"),

@@ -16,8 +16,8 @@ activations).
 
 FLOPs. The first step runs under `torch.utils.flop_counter.FlopCounterMode`, which counts every
 matmul that really runs (large forward + backward, checkpoint recompute, operator and its
-backward); that count times the steps is `flops`. The operator alone is counted the same way
-(`flops_operator`), and `flops_model_6nd` is the usual 6 N D + attention estimate of the large
+backward); that count times the steps is `flops`, the fit's whole cost. The operator's share of it
+is counted the same way (`flops_operator`, part of `flops`, not on top of it), and `flops_model_6nd` is the usual 6 N D + attention estimate of the large
 model for the fitted tokens (dsgrow.schedules.flops), for comparison with papers.
 """
 from __future__ import annotations
@@ -292,10 +292,17 @@ def _count_flops(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def operator_flops(op: LiGO) -> float:
-    """FLOPs of one operator forward + backward (what a fit step adds to the model's own cost)."""
+    """FLOPs of one operator forward + backward: the part of a fit step's count (`FitReport.flops`,
+    which already includes it) that the operator adds to the large model's own cost.
+
+    The width maps are the operator's matmuls; the depth mix is elementwise (scale and add), which
+    the counter does not count, so widening the L1 small layers and the non-layer tensors gives
+    the same count as the whole `op()` without making the L2 large layers (at GPU sizes, the
+    whole large model with gradients)."""
     def run():
-        out = op()
-        torch.stack([t.sum() for t in out.values()]).sum().backward()
+        res = op.res_map()
+        parts = [op.global_weights(res), *op.widened_layers(res)]
+        torch.stack([t.sum() for part in parts for t in part.values()]).sum().backward()
     _, f = _count_flops(run)
     op.zero_grad(set_to_none=True)
     return f
