@@ -467,10 +467,10 @@ class Trainer:
         from .engine.optim_state import gather_moments, prime_adam_state, write_moments
         from .engine.runtime import ModelHandle, all_gather_object, build_engine, destroy_engine, gather_fp32_state_dict
         from .families import to_canonical
-        from .growth import LiGO, fit_ligo, grow_canonical
+        from .growth import LiGO, fit_ligo
         from .growth.api import LIGO_OPTIONS
         from .growth.moments import moment_streams
-        from .growth.stream import canonical_stream, ligo_stream
+        from .growth.stream import fixed_stream, ligo_stream
         from .memory import phase, rss_mib, trim
         from .stages import fit_batch, fit_tokens_of
 
@@ -539,8 +539,8 @@ class Trainer:
                 grown = ligo_stream(op)  # the stream keeps the operator alive until the write is done
                 del op
             else:
-                grown = canonical_stream(large_spec, grow_canonical(small_spec, small, large_spec, g["method"],
-                                                                   **opts))
+                # Closed-form operators: one large layer at a time too (only the small layers it reads).
+                grown = fixed_stream(small_spec, small, large_spec, g["method"], **opts)
                 del small
         ckpt._fault_point("growth_fitted", f"stage{nxt.index}")  # crash tests: killed mid-growth
         fit_tokens = fit_tokens_of(nxt)

@@ -12,13 +12,13 @@ from ..families import ModelSpec, build_hf_model, from_canonical, to_canonical, 
 from .cards import CARDS
 from .depth import DEPTH_KINDS
 from .fit import FIT_OPTIONS, check_fit_options, check_mask_token_id, fit_ligo, heldout_loss
-from .hyperclone import hyperclone
-from .interpolate import interpolate
+from .hyperclone import hyperclone, hyperclone_growth
+from .interpolate import interpolate, interpolate_growth
 from .ligo import INITS, LiGO, check_ligo
-from .net2net import aki, fpi
+from .net2net import aki, aki_growth, fpi, fpi_growth
 from .ops import GrowthError, check_growth, resolve_target
 from .random_init import random_init
-from .stack import stack
+from .stack import stack, stack_growth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +27,18 @@ class Method:
     card: str
     integer_fields: tuple = ()  # sizes this method grows by integer multiples only
     copies: bool = True   # width by copy maps: every old head must fit a new kv group
+    # Same arguments as fn; a depth.FixedGrowth that makes the large model one layer at a time
+    # (None, or returning None: only the whole dict, e.g. hyperclone's noise, random init).
+    growth: Optional[Callable] = None
 
 
 METHODS: dict[str, Method] = {
-    "fpi": Method(fpi, CARDS["fpi"]),
-    "aki": Method(aki, CARDS["aki"]),
-    "hyperclone": Method(hyperclone, CARDS["hyperclone"], ("hidden", "heads", "kv_heads", "ffn")),
-    "stack": Method(stack, CARDS["stack"], ("layers",)),
-    "interpolate": Method(interpolate, CARDS["interpolate"]),
+    "fpi": Method(fpi, CARDS["fpi"], growth=fpi_growth),
+    "aki": Method(aki, CARDS["aki"], growth=aki_growth),
+    "hyperclone": Method(hyperclone, CARDS["hyperclone"], ("hidden", "heads", "kv_heads", "ffn"),
+                         growth=hyperclone_growth),
+    "stack": Method(stack, CARDS["stack"], ("layers",), growth=stack_growth),
+    "interpolate": Method(interpolate, CARDS["interpolate"], growth=interpolate_growth),
     "random": Method(random_init, CARDS["random"], copies=False),
 }
 CHOICES = {"select": ("even", "random"), "depth": DEPTH_KINDS, "mode": ("stack", "interleave")}

@@ -8,7 +8,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .ops import (RESIDUAL_WRITERS, GrowthError, depth_mix, join_layers, split_layers, widen_global,
+from .ops import (RESIDUAL_WRITERS, GrowthError, join_layers, mix_one_layer, split_layers, widen_global,
                   widen_layer)
 
 DEPTH_KINDS = ("identity", "stack", "interleave", "interpolate")
@@ -141,17 +141,39 @@ def make_plan(kind: str, L1: int, L2: int, post_ln: bool) -> DepthPlan:
     raise GrowthError(f"depth must be one of {', '.join(DEPTH_KINDS)}, got {kind!r}")
 
 
-def grow_fixed(small, canonical: dict, large, maps: dict, plan: DepthPlan, after_width=None) -> dict:
-    """Width by `maps` (axis -> AxisMap), then depth by `plan`: the canonical dict of `large`.
+class FixedGrowth:
+    """A closed-form growth (width by `maps`, depth by `plan`), made one large layer at a time.
 
-    `after_width(widened_layers) -> widened_layers` may rewrite the L1 widened layers (AKI, noise).
+    Large layer l is mixed from only the small layers its plan row reads (one, two for
+    interpolation), each widened when needed, so a sharded write holds about one large layer
+    (growth.stream.LayerStream); `all()` is the whole canonical dict. Skipping the zero-weight
+    terms of the mix leaves every value as it was (x + 0 * t = x; only the sign of a zero can
+    differ).
+    `widen_hook(j, widen) -> widened layer j` may rewrite a widened layer (AKI reads layer j + 1).
     """
-    from ..families import canonical_keys, norm_position
 
-    layers, glob = split_layers(small, canonical)
-    head_tied = "head.weight" not in glob
-    widened = [widen_layer(layer, maps, head_tied) for layer in layers]
-    if after_width is not None:
-        widened = after_width(widened)
-    w, ident = plan.matrices(widened[0].keys(), small.layers, norm_position(small) == "post")
-    return join_layers(depth_mix(widened, w, ident), widen_global(glob, maps, head_tied), canonical_keys(large))
+    def __init__(self, small, canonical: dict, large, maps: dict, plan: DepthPlan, widen_hook=None):
+        from ..families import norm_position
+
+        self.small, self.large, self.maps, self.hook = small, large, maps, widen_hook
+        self.layers, glob = split_layers(small, canonical)
+        self.head_tied = "head.weight" not in glob
+        self.glob = widen_global(glob, maps, self.head_tied)
+        self.w, self.ident = plan.matrices(self.layers[0].keys(), small.layers, norm_position(small) == "post")
+
+    def _widen(self, j: int) -> dict:
+        return widen_layer(self.layers[j], self.maps, self.head_tied)
+
+    def widened(self, j: int) -> dict:
+        return self._widen(j) if self.hook is None else self.hook(j, self._widen)
+
+    def layer(self, l: int) -> dict:
+        L1 = self.small.layers
+        js = [j for j in range(L1) if any(float(m[l, j]) != 0.0 for m in self.w.values())] or [0]
+        w = {s: m[:, js] for s, m in self.w.items()}
+        return mix_one_layer((self.widened(j) for j in js), w, l, self.ident)
+
+    def all(self) -> dict:
+        from ..families import canonical_keys
+
+        return join_layers([self.layer(l) for l in range(self.large.layers)], self.glob, canonical_keys(self.large))

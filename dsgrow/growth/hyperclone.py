@@ -12,10 +12,12 @@ relative in fp32). Noise std is ``noise * std(W)`` per tensor.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..families import ModelSpec
-from .depth import grow_fixed, make_plan
+from .depth import FixedGrowth, make_plan
 from .net2net import fpi_maps
 from .ops import GLOBAL_ROLES, LAYER_ROLES
 
@@ -30,16 +32,27 @@ def _zero_sum_noise(t: torch.Tensor, dim: int, groups: torch.Tensor, n_groups: i
     return t + (scale * x.movedim(0, dim)).to(t.dtype)
 
 
+def _growth(small: ModelSpec, canonical: dict, large: ModelSpec, depth: str, seed: int) -> FixedGrowth:
+    from ..families import norm_position
+
+    plan = make_plan(depth, small.layers, large.layers, norm_position(small) == "post")
+    return FixedGrowth(small, canonical, large, fpi_maps(small, large, "even", seed), plan)
+
+
+def hyperclone_growth(small: ModelSpec, canonical: dict, large: ModelSpec, noise: float = 0.0,
+                      depth: str = "identity", seed: int = 0) -> Optional[FixedGrowth]:
+    """One large layer at a time; None with noise (drawn over the whole model in one sequence)."""
+    return None if noise else _growth(small, canonical, large, depth, seed)
+
+
 def hyperclone(small: ModelSpec, canonical: dict, large: ModelSpec, noise: float = 0.0, depth: str = "identity",
                seed: int = 0) -> dict:
     """HyperCloning width (integer multiples, tiled) with the chosen depth map and optional noise."""
-    from ..families import norm_position
-
-    maps = fpi_maps(small, large, "even", seed)
-    plan = make_plan(depth, small.layers, large.layers, norm_position(small) == "post")
-    out = grow_fixed(small, canonical, large, maps, plan)
+    fixed = _growth(small, canonical, large, depth, seed)
+    out = fixed.all()
     if not noise:
         return out
+    maps = fixed.maps
     g = torch.Generator().manual_seed(seed + 1)
     for key, t in out.items():
         roles = LAYER_ROLES[key.split(".", 2)[2]] if key.startswith("layers.") else GLOBAL_ROLES[key]
@@ -52,4 +65,4 @@ def hyperclone(small: ModelSpec, canonical: dict, large: ModelSpec, noise: float
     return out
 
 
-__all__ = ["hyperclone"]
+__all__ = ["hyperclone", "hyperclone_growth"]

@@ -10,13 +10,18 @@ Not function preserving.
 from __future__ import annotations
 
 from ..families import ModelSpec
-from .depth import grow_fixed, interpolate_plan
+from .depth import FixedGrowth, interpolate_plan
 from .net2net import fpi_maps
 
 
-def interpolate(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", seed: int = 0) -> dict:
+def interpolate_growth(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even",
+                       seed: int = 0) -> FixedGrowth:
     plan = interpolate_plan(small.layers, large.layers)
-    return grow_fixed(small, canonical, large, fpi_maps(small, large, select, seed), plan)
+    return FixedGrowth(small, canonical, large, fpi_maps(small, large, select, seed), plan)
 
 
-__all__ = ["interpolate"]
+def interpolate(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", seed: int = 0) -> dict:
+    return interpolate_growth(small, canonical, large, select, seed).all()
+
+
+__all__ = ["interpolate", "interpolate_growth"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..families import ModelSpec
-from .depth import grow_fixed, make_plan
+from .depth import FixedGrowth, make_plan
 from .ops import LAYER_ROLES, SelectMap, selection_maps
 
 
@@ -33,13 +33,18 @@ def fpi_maps(small: ModelSpec, large: ModelSpec, select: str = "even", seed: int
     return selection_maps(small, large, select, g)
 
 
-def fpi(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", depth: str = "identity",
-        seed: int = 0) -> dict:
-    """bert2BERT's FPI (Net2Net width) with the chosen depth map."""
+def fpi_growth(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", depth: str = "identity",
+               seed: int = 0) -> FixedGrowth:
     from ..families import norm_position
 
     plan = make_plan(depth, small.layers, large.layers, norm_position(small) == "post")
-    return grow_fixed(small, canonical, large, fpi_maps(small, large, select, seed), plan)
+    return FixedGrowth(small, canonical, large, fpi_maps(small, large, select, seed), plan)
+
+
+def fpi(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", depth: str = "identity",
+        seed: int = 0) -> dict:
+    """bert2BERT's FPI (Net2Net width) with the chosen depth map."""
+    return fpi_growth(small, canonical, large, select, depth, seed).all()
 
 
 def _first_copy_mask(m: SelectMap) -> torch.Tensor:
@@ -53,33 +58,35 @@ def _first_copy_mask(m: SelectMap) -> torch.Tensor:
     return first.repeat_interleave(m.unit)
 
 
-def aki(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", depth: str = "stack",
-        seed: int = 0) -> dict:
-    """bert2BERT's AKI: FPI, except that every *new* output unit of layer j takes its weights from
-    layer j + 1 (the top layer keeps its own). Not function preserving by design: the copies stop
-    being identical, which breaks the symmetry FPI leaves between a unit and its copies."""
+def aki_growth(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", depth: str = "stack",
+               seed: int = 0) -> FixedGrowth:
     from ..families import norm_position
 
     maps = fpi_maps(small, large, select, seed)
     keep = {axis: _first_copy_mask(m) for axis, m in maps.items()}
 
-    def mix_next(widened: list) -> list:
-        out = []
-        for j, layer in enumerate(widened):
-            if j + 1 == len(widened):
-                out.append(layer)
-                continue
-            nxt = widened[j + 1]
-            mixed = {}
-            for s, t in layer.items():
-                axis = LAYER_ROLES[s][0][0]
-                shape = [-1] + [1] * (t.dim() - 1)
-                mixed[s] = torch.where(keep[axis].reshape(shape), t, nxt[s])
-            out.append(mixed)
-        return out
+    def mix_next(j: int, widen) -> dict:
+        layer = widen(j)
+        if j + 1 == small.layers:  # the top layer keeps its own
+            return layer
+        nxt = widen(j + 1)
+        mixed = {}
+        for s, t in layer.items():
+            axis = LAYER_ROLES[s][0][0]
+            shape = [-1] + [1] * (t.dim() - 1)
+            mixed[s] = torch.where(keep[axis].reshape(shape), t, nxt[s])
+        return mixed
 
     plan = make_plan(depth, small.layers, large.layers, norm_position(small) == "post")
-    return grow_fixed(small, canonical, large, maps, plan, after_width=mix_next)
+    return FixedGrowth(small, canonical, large, maps, plan, widen_hook=mix_next)
 
 
-__all__ = ["fpi", "aki", "fpi_maps"]
+def aki(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", depth: str = "stack",
+        seed: int = 0) -> dict:
+    """bert2BERT's AKI: FPI, except that every *new* output unit of layer j takes its weights from
+    layer j + 1 (the top layer keeps its own). Not function preserving by design: the copies stop
+    being identical, which breaks the symmetry FPI leaves between a unit and its copies."""
+    return aki_growth(small, canonical, large, select, depth, seed).all()
+
+
+__all__ = ["fpi", "aki", "fpi_maps", "fpi_growth", "aki_growth"]

@@ -7,19 +7,24 @@ Not function preserving: a copied layer adds its residual update a second time.
 from __future__ import annotations
 
 from ..families import ModelSpec
-from .depth import grow_fixed, interleave_plan, stack_plan
+from .depth import FixedGrowth, interleave_plan, stack_plan
 from .net2net import fpi_maps
 from .ops import GrowthError
+
+
+def stack_growth(small: ModelSpec, canonical: dict, large: ModelSpec, mode: str = "stack", select: str = "even",
+                 seed: int = 0) -> FixedGrowth:
+    if mode not in ("stack", "interleave"):
+        raise GrowthError(f"stack: mode must be 'stack' or 'interleave', got {mode!r}")
+    plan = (stack_plan if mode == "stack" else interleave_plan)(small.layers, large.layers)
+    return FixedGrowth(small, canonical, large, fpi_maps(small, large, select, seed), plan)
 
 
 def stack(small: ModelSpec, canonical: dict, large: ModelSpec, mode: str = "stack", select: str = "even",
           seed: int = 0) -> dict:
     """Layers repeated L2 / L1 times: ``mode="stack"`` [0..L1-1, 0..L1-1, ...] or ``"interleave"``
     [0, 0, 1, 1, ...]."""
-    if mode not in ("stack", "interleave"):
-        raise GrowthError(f"stack: mode must be 'stack' or 'interleave', got {mode!r}")
-    plan = (stack_plan if mode == "stack" else interleave_plan)(small.layers, large.layers)
-    return grow_fixed(small, canonical, large, fpi_maps(small, large, select, seed), plan)
+    return stack_growth(small, canonical, large, mode, select, seed).all()
 
 
-__all__ = ["stack"]
+__all__ = ["stack", "stack_growth"]

@@ -94,3 +94,19 @@ def canonical_stream(spec: ModelSpec, large: dict) -> LayerStream:
         return {k[len(p):]: v for k, v in large.items() if k.startswith(p)}
 
     return LayerStream(spec, glob, make)
+
+
+def fixed_stream(spec_small: ModelSpec, small: dict, spec_large: ModelSpec, method: str, **opts) -> LayerStream:
+    """A closed-form method's large model one layer at a time where the method can make it so
+    (depth.FixedGrowth); otherwise (hyperclone's noise, random init) the whole dict, served the
+    same way. The request is checked first, as grow_canonical checks it."""
+    from .api import METHODS, check_request
+
+    check_request(spec_small, spec_large, method, **opts)
+    make = METHODS[method].growth
+    fixed = make(spec_small, small, spec_large, **opts) if make is not None else None
+    if fixed is None:
+        from .api import grow_canonical
+
+        return canonical_stream(spec_large, grow_canonical(spec_small, small, spec_large, method, **opts))
+    return LayerStream(spec_large, fixed.glob, lambda i: {s: t.contiguous() for s, t in fixed.layer(i).items()})
