@@ -69,24 +69,27 @@ def read_run(out: Path) -> tuple[dict, dict, list[dict]]:
     return ev, json.loads((out / "summary.json").read_text()), lines
 
 
-def sized_run(name: str, world: int, root: Path, env: dict, fit_steps: int) -> dict:
+def sized_run(name: str, world: int, root: Path, env: dict, fit_steps: int, method: str = "ligo") -> dict:
     (l1, h1), (l2, h2), vocab = SIZES[name]
     step = BATCH * SEQ
+    if method != "ligo":
+        fit_steps = 0
+    grow = (f"{{method: ligo, fit_steps: {fit_steps}, fit_batch: {BATCH}}}" if method == "ligo"
+            else f"{{method: {method}}}")
     stages = (f"[{{model: {{layers: {l1}, hidden: {h1}, heads: {h1 // 32}}}, tokens: {2 * step}}}, "
-              f"{{grow: {{method: ligo, fit_steps: {fit_steps}, fit_batch: {BATCH}}}, model: {{layers: {l2}, "
-              f"hidden: {h2}}}, tokens: {(2 + fit_steps) * step}}}]")
+              f"{{grow: {grow}, model: {{layers: {l2}, hidden: {h2}}}, tokens: {(2 + fit_steps) * step}}}]")
     sets = ["train.tokens=null", f"stages={stages}", f"data.vocab_size={vocab}", f"train.seq_len={SEQ}",
             f"model.max_seq_len={SEQ}", f"train.global_batch={BATCH}", f"train.micro_batch={MICRO}",
             "train.eval_samples=16", "train.checkpoint_every=0", "train.eval_every=0", "export_hf=false",
             "train.log_every=1"]
-    out = root / f"{name}-w{world}"
+    out = root / f"{name}-{method}-w{world}"
     run(["--ds_config", str(REPO / "ds_configs" / "zero3_partitioned.json"), "--out", str(out), *[x for s in sets for x in ("--set", s)]], world, env)
     ev, summary, _ = read_run(out)
     small_b, layer_b = ev["bytes_gathered"], ev["largest_layer_bytes"]
     large_b = summary["params"] * 4
     bound = large_b / world + small_b + layer_b
     op_b = ev.get("operator_bytes", 0)
-    row = {"size": name, "world": world, "small": f"{l1}x{h1}", "large": f"{l2}x{h2}", "vocab": vocab,
+    row = {"size": name, "method": method, "world": world, "small": f"{l1}x{h1}", "large": f"{l2}x{h2}", "vocab": vocab,
            "small_params": small_b // 4, "large_params": summary["params"], "bound_mib": bound / MIB,
            "operator_mib": op_b / MIB,
            "local_param_fraction": summary["local_param_fraction"], "phases": {}}
@@ -119,6 +122,7 @@ def main() -> int:
     p.add_argument("--sizes", default="small,medium,large")
     p.add_argument("--worlds", default="1,2")
     p.add_argument("--fit_steps", type=int, default=2)
+    p.add_argument("--method", default="ligo", help="growth method (closed-form ones have no fit)")
     p.add_argument("--no-demo", dest="demo", action="store_false")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sharded_growth.json"))
     a = p.parse_args()
@@ -130,7 +134,7 @@ def main() -> int:
         root = Path(tmp)
         for name in filter(None, a.sizes.split(",")):
             for world in map(int, a.worlds.split(",")):
-                rows.append(sized_run(name, world, root, env, a.fit_steps))
+                rows.append(sized_run(name, world, root, env, a.fit_steps, a.method))
                 r = rows[-1]
                 print(f"{name} ({r['small']} -> {r['large']}, {r['large_params'] / 1e6:.1f}M) world {world}: "
                       + ", ".join(f"{k} {v['s']:.2f}s {v['max_working_set_mib']:.0f} MiB" for k, v in r["phases"].items()),
@@ -142,13 +146,13 @@ def main() -> int:
             demo_env.pop("OMP_NUM_THREADS", None)
         demo = demo_share(root, demo_env) if a.demo else None
     print("\nper-rank working set (max over ranks) and time of each growth phase, ZeRO-3, fp32, CPU")
-    print("| size | world | large params | bound MiB | + operator MiB | gather MiB (x bound) | write MiB (x bound, "
+    print("| method, size | world | large params | bound MiB | + operator MiB | gather MiB (x bound) | write MiB (x bound, "
           "x bound+operator) | fit MiB | engine MiB | gather s | fit s | write s | engine s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ph = r["phases"]
-        print(f"| {r['small']} -> {r['large']} | {r['world']} | {r['large_params'] / 1e6:.2f}M | {r['bound_mib']:.1f} "
-              f"| {ph['gather']['max_working_set_mib']:.1f} ({ph['gather']['vs_bound']:.2f}) "
+        print(f"| {r['method']} {r['small']} -> {r['large']} | {r['world']} | {r['large_params'] / 1e6:.2f}M | {r['bound_mib']:.1f} "
+              f"| {r['operator_mib']:.1f} | {ph['gather']['max_working_set_mib']:.1f} ({ph['gather']['vs_bound']:.2f}) "
               f"| {ph['write']['max_working_set_mib']:.1f} ({ph['write']['vs_bound']:.2f}, "
               f"{ph['write']['vs_bound_with_operator']:.2f}) "
               f"| {ph['fit']['max_working_set_mib']:.1f} | {ph['engine']['max_working_set_mib']:.1f} "
@@ -160,7 +164,7 @@ def main() -> int:
               f"{demo['mechanics_s']:.2f} s = {100 * demo['mechanics_share']:.2f}%); val loss "
               f"{demo['loss_before']:.4f} -> {demo['loss_after']:.4f} at the boundary, {demo['final_val_loss']:.4f} at the end")
     res = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
-           "seq_len": SEQ, "global_batch": BATCH, "fit_steps": a.fit_steps, "runs": rows, "demo": demo}
+           "seq_len": SEQ, "global_batch": BATCH, "fit_steps": a.fit_steps, "method": a.method, "runs": rows, "demo": demo}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"\nwrote {a.out}")

@@ -52,8 +52,9 @@ from torch import nn
 
 from ..families import ModelSpec, canonical_keys, norm_position
 from .depth import identity_plan
-from .ops import (DenseMap, GrowthError, check_growth, convex_rows, join_layers, mix_one_layer, o_axis,
-                  selection_maps, split_layers, widen_global, widen_layer)
+from .ops import (LAYER_ROLES, DenseMap, GrowthError, add_identity, apply_roles, check_growth, convex_rows,
+                  join_layers, mix_one_layer, mix_one_tensor, o_axis, selection_maps, split_layers, widen_global,
+                  widen_layer)
 
 INITS = ("stack_noisy", "net2net", "fpi")
 
@@ -161,15 +162,19 @@ class LiGO(nn.Module):
         return mix_one_layer(widened, w, l, ident)
 
     def streamed_layer(self, l: int, res: Optional[DenseMap] = None) -> dict:
-        """Large layer l made with one widened small layer alive at a time (L1 widenings per large
-        layer instead of L1 in all): what writing a grown model into a sharded engine uses, so a
-        rank holds the operator, one widened layer and one large layer, never the large model.
-        The same sum as `large_layer`'s, in the same order, so the tensors are bitwise equal."""
+        """Large layer l made tensor by tensor, with one widened small tensor alive at a time (L1
+        widenings per large layer instead of L1 in all): what writing a grown model into a sharded
+        engine uses, so a rank holds the operator, the large layer being made and one widened
+        tensor, never the large model. The same sums as `large_layer`'s, in the same order, so the
+        tensors are bitwise equal."""
         res = res or self.res_map()
         w, ident = self.depth_weights()
-        widened = (widen_layer(self.small_layer(j), self.layer_maps(j, res), self.head_tied)
-                   for j in range(self.small.layers))
-        return mix_one_layer(widened, w, l, ident)
+        small = [self.small_layer(j) for j in range(self.small.layers)]
+        maps = [self.layer_maps(j, res) for j in range(self.small.layers)]
+        layer = {s: mix_one_tensor((apply_roles(small[j][s], LAYER_ROLES[s], maps[j], self.head_tied)
+                                    for j in range(self.small.layers)), w[s][l])
+                 for s in self.layer_names}
+        return add_identity(layer, ident, l)
 
     def forward(self) -> dict:
         """The whole large canonical dict."""

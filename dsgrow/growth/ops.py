@@ -249,10 +249,24 @@ def mix_one_layer(widened: Iterable[dict], w: dict, l: int, identity: Optional[d
         for s, t in wid.items():
             term = w[s][l, j].to(t.dtype) * t
             layer[s] = term if j == 0 else layer[s] + term
+    return add_identity(layer, identity, l)
+
+
+def add_identity(layer: dict, identity: Optional[dict], l: int) -> dict:
     if identity is not None:
         for s in identity:
             layer[s] = layer[s] + identity[s][l].to(layer[s].dtype)
     return layer
+
+
+def mix_one_tensor(widened: Iterable[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
+    """``sum_j coef[j] * widened[j]`` in j order: one tensor of `mix_one_layer`, the same sum, so
+    the result is bitwise the same; `widened` may be a generator (one widened tensor alive)."""
+    out = None
+    for j, t in enumerate(widened):
+        term = coef[j].to(t.dtype) * t
+        out = term if j == 0 else out + term
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,7 +441,7 @@ def fmt_size(spec: ModelSpec) -> str:
 
 __all__ = [
     "GrowthError", "AxisMap", "SelectMap", "DenseMap", "LAYER_ROLES", "GLOBAL_ROLES", "RESIDUAL_WRITERS",
-    "split_layers", "join_layers", "widen_layer", "widen_global", "depth_mix", "mix_one_layer",
+    "split_layers", "join_layers", "widen_layer", "widen_global", "depth_mix", "mix_one_layer", "mix_one_tensor", "add_identity",
     "select_units", "head_selections", "selection_maps", "resolve_target", "check_growth", "convex_rows",
     "o_axis", "fmt_size",
 ]
