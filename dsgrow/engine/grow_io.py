@@ -15,10 +15,19 @@ import torch
 import torch.distributed as dist
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def rank_slice(value: torch.Tensor, part: int, rank: int) -> tuple[torch.Tensor, int]:
+    """ZeRO-3's partition `rank` of the full tensor `value`: flat elements [rank*part, (rank+1)*part),
+    zero-padded past the end; and how many of them are real."""
+    real = value.reshape(-1)[rank * part:(rank + 1) * part]
+    chunk = torch.zeros(part, dtype=value.dtype)
+    chunk[:real.numel()] = real
+    return chunk, real.numel()
 
 
 def write_weights(model: torch.nn.Module, full: Callable[[str], torch.Tensor]) -> int:
@@ -27,7 +36,7 @@ def write_weights(model: torch.nn.Module, full: Callable[[str], torch.Tensor]) -
     Returns the number of elements this rank wrote. `full` is called once per parameter, in
     order, so a caller can materialise one tensor (or one layer) at a time.
     """
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     written = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -36,11 +45,9 @@ def write_weights(model: torch.nn.Module, full: Callable[[str], torch.Tensor]) -
                 shard = p.ds_tensor
                 if tuple(value.shape) != tuple(p.ds_shape):
                     raise ValueError(f"grown weight {name}: shape {list(value.shape)}, model has {list(p.ds_shape)}")
-                ps = shard.numel()
-                chunk = value.reshape(-1)[rank * ps:(rank + 1) * ps]
-                shard.zero_()
-                shard[:chunk.numel()].copy_(chunk.to(shard.dtype))
-                written += chunk.numel()
+                chunk, n = rank_slice(value, shard.numel(), rank)
+                shard.copy_(chunk.to(shard.dtype))
+                written += n
             else:
                 if tuple(value.shape) != tuple(p.shape):
                     raise ValueError(f"grown weight {name}: shape {list(value.shape)}, model has {list(p.shape)}")
@@ -51,7 +58,7 @@ def write_weights(model: torch.nn.Module, full: Callable[[str], torch.Tensor]) -
 
 def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     """Average gradients over the data-parallel ranks in place (the growth fit's optimizer)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world == 1:
         return
     for t in tensors:

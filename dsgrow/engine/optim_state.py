@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
+
+from .grow_io import rank_slice, rank_world
 
 KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -107,7 +108,7 @@ def write_moments(engine, key: str, full: Callable[[str], torch.Tensor]) -> int:
     returns the elements this rank wrote."""
     from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
 
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank, _ = rank_world()
     base = _base_optimizer(engine)
     written = 0
     for name, p in engine.module.named_parameters():
@@ -118,12 +119,9 @@ def write_moments(engine, key: str, full: Callable[[str], torch.Tensor]) -> int:
         if tuple(value.shape) != shape:
             raise ValueError(f"moments of {name}: shape {list(value.shape)}, model has {list(shape)}")
         if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's slice, zero-padded like the weights
-            ps = p.ds_tensor.numel()
-            chunk = torch.zeros(ps, dtype=torch.float32)
-            part = value.reshape(-1)[rank * ps:(rank + 1) * ps]
-            chunk[:part.numel()] = part
+            chunk, n = rank_slice(value.float(), p.ds_tensor.numel(), rank)
             safe_set_local_optimizer_state(p, chunk.to(p.ds_tensor.device), key)
-            written += part.numel()
+            written += n
         elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2: each rank keeps its own fragment
             safe_set_full_optimizer_state(p, value.to(p.device), key)
             written += p._hp_mapping.lp_fragment_address.numel if p._hp_mapping is not None else 0

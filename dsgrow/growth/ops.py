@@ -12,7 +12,7 @@ Every operator here is linear in the small model's weights and factors as width 
   pseudo-inverse transpose (see `DenseMap`).
 * depth: large layer ``l`` is ``sum_j w[l, j] * widened_layer_j`` with one ``[L2, L1]`` matrix per
   per-layer tensor name (q.weight, q.bias, ...). Post-LN families may also mix in the *identity
-  norm* (gain 1, bias 0) through an extra column; see `depth_mix`.
+  norm* (gain 1, bias 0) through an extra column; see `mix_one_layer`.
 
 `LAYER_ROLES` / `GLOBAL_ROLES` say, for each canonical tensor, which map acts on which dimension in which role.
 """
@@ -230,12 +230,6 @@ def widen_global(glob: dict, maps: dict, head_tied: bool) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Depth
 # ------------------------------------------------------------------------------------------------
-def depth_mix(widened: Sequence[dict], w: dict, identity: Optional[dict] = None) -> list[dict]:
-    """All large layers: ``[mix_one_layer(widened, w, l, identity) for l in range(L2)]``."""
-    L2 = next(iter(w.values())).shape[0]
-    return [mix_one_layer(widened, w, l, identity) for l in range(L2)]
-
-
 def mix_one_layer(widened: Iterable[dict], w: dict, l: int, identity: Optional[dict] = None) -> dict:
     """Large layer l: tensor s is ``sum_j w[s][l, j] * widened[j][s]``, summed in j order.
 
@@ -441,7 +435,7 @@ def fmt_size(spec: ModelSpec) -> str:
 
 __all__ = [
     "GrowthError", "AxisMap", "SelectMap", "DenseMap", "LAYER_ROLES", "GLOBAL_ROLES", "RESIDUAL_WRITERS",
-    "split_layers", "join_layers", "widen_layer", "widen_global", "depth_mix", "mix_one_layer", "mix_one_tensor", "add_identity",
+    "split_layers", "join_layers", "widen_layer", "widen_global", "mix_one_layer", "mix_one_tensor", "add_identity",
     "select_units", "head_selections", "selection_maps", "resolve_target", "check_growth", "convex_rows",
     "o_axis", "fmt_size",
 ]
