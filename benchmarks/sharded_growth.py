@@ -22,7 +22,11 @@ the small weights: the phase's working set. It is printed against the bound
     large-model shard (fp32 params / world) + small model (fp32) + one large layer (fp32)
 
 and against the bound plus the LiGO operator's own maps (they are alive until the last layer
-is written; at 4x256 -> 8x512 the per-layer FFN maps alone are 32 MiB).
+is written; at 4x256 -> 8x512 the per-layer FFN maps alone are 32 MiB). "write rise" is the
+write phase's peak above its own start: the large shard and the layer being made, without what
+the phase was handed (small model, operator, grown embeddings) or what the fit left behind
+(about 10 MiB of one-time runtime state at this size: a second fit in the same process leaves
+0.1 MiB).
 
 for the gather and write phases (the fit also holds activations and the operator, the engine
 phase Adam states: they are shown, not bounded). Then the README demo (the embedded default
@@ -96,7 +100,11 @@ def sized_run(name: str, world: int, root: Path, env: dict, fit_steps: int, meth
     for ph in ("gather", "fit", "write", "engine"):
         mem = ev["memory_mib"][ph]
         work = [peak - base + small_b / MIB for peak, base in zip(mem["host_peak"], ev["host_base_mib"])]
+        # What the phase itself added on top of what it was handed (for write: without the operator,
+        # the grown non-layer tensors, and any runtime state an earlier phase left behind).
+        rise = [peak - start for peak, start in zip(mem["host_peak"], mem["host_start"])]
         row["phases"][ph] = {"s": ev[f"{ph}_s"], "working_set_mib": work, "max_working_set_mib": max(work),
+                             "rise_mib": rise,
                              "vs_bound": max(work) / (bound / MIB),
                              "vs_bound_with_operator": max(work) / ((bound + op_b) / MIB)}
     return row
@@ -147,14 +155,14 @@ def main() -> int:
         demo = demo_share(root, demo_env) if a.demo else None
     print("\nper-rank working set (max over ranks) and time of each growth phase, ZeRO-3, fp32, CPU")
     print("| method, size | world | large params | bound MiB | + operator MiB | gather MiB (x bound) | write MiB (x bound, "
-          "x bound+operator) | fit MiB | engine MiB | gather s | fit s | write s | engine s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "x bound+operator) | write rise MiB | fit MiB | engine MiB | gather s | fit s | write s | engine s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ph = r["phases"]
         print(f"| {r['method']} {r['small']} -> {r['large']} | {r['world']} | {r['large_params'] / 1e6:.2f}M | {r['bound_mib']:.1f} "
               f"| {r['operator_mib']:.1f} | {ph['gather']['max_working_set_mib']:.1f} ({ph['gather']['vs_bound']:.2f}) "
               f"| {ph['write']['max_working_set_mib']:.1f} ({ph['write']['vs_bound']:.2f}, "
-              f"{ph['write']['vs_bound_with_operator']:.2f}) "
+              f"{ph['write']['vs_bound_with_operator']:.2f}) | {max(ph['write']['rise_mib']):.1f} "
               f"| {ph['fit']['max_working_set_mib']:.1f} | {ph['engine']['max_working_set_mib']:.1f} "
               f"| {ph['gather']['s']:.2f} | {ph['fit']['s']:.2f} | {ph['write']['s']:.2f} | {ph['engine']['s']:.2f} |")
     if demo:

@@ -62,12 +62,13 @@ def to_canonical(spec: ModelSpec, hf_state_dict: dict) -> dict:
     return c
 
 
-def from_canonical(spec: ModelSpec, c: dict) -> dict:
+def from_canonical(spec: ModelSpec, c: dict, consume: bool = False) -> dict:
+    take = c.pop if consume else c.__getitem__  # the HF tensors are the canonical ones: no copies
     sd = {PREFIX + theirs: c[ours] for ours, theirs in _EMB.items()}
     for i in range(spec.layers):
         for ours, theirs in _PER_LAYER.items():
             for part in ("weight", "bias"):
-                sd[f"{PREFIX}encoder.layer.{i}.{theirs}.{part}"] = c[f"layers.{i}.{ours}.{part}"]
+                sd[f"{PREFIX}encoder.layer.{i}.{theirs}.{part}"] = take(f"layers.{i}.{ours}.{part}")
     for ours, theirs in _MLM.items():
         for part in ("weight", "bias"):
             sd[f"{theirs}.{part}"] = c[f"{ours}.{part}"]

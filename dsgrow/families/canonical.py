@@ -145,14 +145,16 @@ def to_canonical(spec: ModelSpec, hf_state_dict: dict) -> Canonical:
     return {k: canonical[k] for k in canonical_keys(spec)}  # forward order, as canonical_keys
 
 
-def from_canonical(spec: ModelSpec, canonical: Canonical) -> dict:
+def from_canonical(spec: ModelSpec, canonical: Canonical, consume: bool = False) -> dict:
     """Canonical dict -> the state dict `build_hf_model(spec).load_state_dict(sd, strict=True)` takes.
 
     Tied heads are emitted as the same tensor under both names (the model's state_dict lists both).
     Non-persistent buffers (position_ids, rotary inv_freq) are not emitted: the model builds them.
+    consume=True: the caller gives `canonical` up; per-layer tensors are removed from it as they
+    are converted, so a family that copies (GPT-2) never holds a layer twice.
     """
     validate_canonical(spec, canonical)
-    return _family_module(spec).from_canonical(spec, canonical)
+    return _family_module(spec).from_canonical(spec, canonical, consume=consume)
 
 
 def own(t: torch.Tensor) -> torch.Tensor:

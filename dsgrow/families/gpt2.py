@@ -45,18 +45,23 @@ def to_canonical(spec: ModelSpec, hf_state_dict: dict) -> dict:
     return c
 
 
-def from_canonical(spec: ModelSpec, c: dict) -> dict:
+def from_canonical(spec: ModelSpec, c: dict, consume: bool = False) -> dict:
+    # The Conv1D weights are copies (transposed, q/k/v fused). consume=True pops each layer tensor
+    # from `c` as it is converted, so a canonical tensor dies as soon as its copy exists: one
+    # layer's worth alive instead of two (grown layers streamed into a sharded engine).
+    take = c.pop if consume else c.__getitem__
     sd = {PREFIX + "wte.weight": c["tok_emb"], PREFIX + "wpe.weight": c["pos_emb"]}
     for i in range(spec.layers):
         h, p = f"{PREFIX}h.{i}.", f"layers.{i}."
         for ours, theirs in _NORMS.items():
             for part in ("weight", "bias"):
-                sd[f"{h}{theirs}.{part}"] = c[f"{p}{ours}.{part}"]
-        sd[h + "attn.c_attn.weight"] = torch.cat([c[f"{p}{n}.weight"] for n in "qkv"], 0).t().contiguous()
-        sd[h + "attn.c_attn.bias"] = torch.cat([c[f"{p}{n}.bias"] for n in "qkv"], 0)
+                sd[f"{h}{theirs}.{part}"] = take(f"{p}{ours}.{part}")
+        # cat of the transposes is [in, 3*out] and contiguous already: one copy, not two.
+        sd[h + "attn.c_attn.weight"] = torch.cat([take(f"{p}{n}.weight").t() for n in "qkv"], 1)
+        sd[h + "attn.c_attn.bias"] = torch.cat([take(f"{p}{n}.bias") for n in "qkv"], 0)
         for ours, theirs in _LINEARS.items():
-            sd[f"{h}{theirs}.weight"] = c[f"{p}{ours}.weight"].t().contiguous()
-            sd[f"{h}{theirs}.bias"] = c[f"{p}{ours}.bias"]
+            sd[f"{h}{theirs}.weight"] = take(f"{p}{ours}.weight").t().contiguous()
+            sd[f"{h}{theirs}.bias"] = take(f"{p}{ours}.bias")
     sd[PREFIX + "ln_f.weight"] = c["final_norm.weight"]
     sd[PREFIX + "ln_f.bias"] = c["final_norm.bias"]
     sd["lm_head.weight"] = c["tok_emb"] if spec.tied else c["head.weight"]

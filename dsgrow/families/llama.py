@@ -42,11 +42,12 @@ def to_canonical(spec: ModelSpec, hf_state_dict: dict) -> dict:
     return c
 
 
-def from_canonical(spec: ModelSpec, c: dict) -> dict:
+def from_canonical(spec: ModelSpec, c: dict, consume: bool = False) -> dict:
+    take = c.pop if consume else c.__getitem__  # the HF tensors are the canonical ones: no copies
     sd = {PREFIX + "embed_tokens.weight": c["tok_emb"]}
     for i in range(spec.layers):
         for ours, theirs in _PER_LAYER.items():
-            sd[f"{PREFIX}layers.{i}.{theirs}"] = c[f"layers.{i}.{ours}"]
+            sd[f"{PREFIX}layers.{i}.{theirs}"] = take(f"layers.{i}.{ours}")
     sd[PREFIX + "norm.weight"] = c["final_norm.weight"]
     sd["lm_head.weight"] = c["tok_emb"] if spec.tied else c["head.weight"]
     return sd

@@ -171,7 +171,7 @@ class FixedGrowth:
         L1 = self.small.layers
         js = [j for j in range(L1) if any(float(m[l, j]) != 0.0 for m in self.w.values())] or [0]
         w = {s: m[:, js] for s, m in self.w.items()}
-        return mix_one_layer((self.widened(j) for j in js), w, l, self.ident)
+        return mix_one_layer((self.widened(j) for j in js), w, l, self.ident, consume=True)
 
     def all(self) -> dict:
         from ..families import canonical_keys

@@ -173,19 +173,24 @@ def _layer_list(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
     raise GrowthError(f"{type(model).__name__}: no list of {n_layers} blocks found")
 
 
-def one_block_hf(spec1: ModelSpec, glob: Optional[dict], layer0: Optional[dict]) -> dict:
+def one_block_hf(spec1: ModelSpec, glob: Optional[dict], layer0: Optional[dict], consume: bool = False) -> dict:
     """HF tensors of the one-block model `spec1` made of the canonical non-layer tensors `glob` and
     one layer's `layer0` ({suffix: tensor}); zero placeholders where either is None. How a single
-    large layer (or the globals alone) is named and laid out the HF way without the whole model."""
+    large layer (or the globals alone) is named and laid out the HF way without the whole model.
+    consume=True empties `layer0` into the conversion (from_canonical's consume), so the caller's
+    dict does not keep the canonical layer alive beside its HF copy."""
     from ..families import canonical_shapes
 
     c = {}
     for k, shape in canonical_shapes(spec1).items():
         if k.startswith("layers.0."):
-            c[k] = layer0[k[9:]] if layer0 is not None else torch.zeros(()).expand(shape)
+            if layer0 is None:
+                c[k] = torch.zeros(()).expand(shape)
+            else:
+                c[k] = layer0.pop(k[9:]) if consume else layer0[k[9:]]
         else:
             c[k] = glob[k] if glob is not None else torch.zeros(()).expand(shape)
-    return from_canonical(spec1, c)
+    return from_canonical(spec1, c, consume=consume)
 
 
 class _GeneratedLayer(nn.Module):

@@ -230,19 +230,25 @@ def widen_global(glob: dict, maps: dict, head_tied: bool) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Depth
 # ------------------------------------------------------------------------------------------------
-def mix_one_layer(widened: Iterable[dict], w: dict, l: int, identity: Optional[dict] = None) -> dict:
+def mix_one_layer(widened: Iterable[dict], w: dict, l: int, identity: Optional[dict] = None,
+                  consume: bool = False) -> dict:
     """Large layer l: tensor s is ``sum_j w[s][l, j] * widened[j][s]``, summed in j order.
 
     `widened` may be any iterable of the L1 widened layers: a generator makes each one only when
-    the sum reaches it, so one widened layer is alive at a time (LiGO.streamed_layer).
+    the sum reaches it, so one widened layer is alive at a time (depth.FixedGrowth).
+    consume=True pops each widened tensor as its term is made (the dicts are the caller's to give
+    up), so the layer being summed and the widened one are not both alive whole.
     `identity` (post-LN only) maps a norm weight name to ``[L2]`` coefficients of the identity
     norm: gain ``+= c[l] * 1``. The identity norm's bias is 0, so biases need no such term.
     """
     layer: dict = {}
     for j, wid in enumerate(widened):
-        for s, t in wid.items():
+        for s in list(wid):
+            t = wid.pop(s) if consume else wid[s]
             term = w[s][l, j].to(t.dtype) * t
+            del t
             layer[s] = term if j == 0 else layer[s] + term
+            del term
     return add_identity(layer, identity, l)
 
 
@@ -255,11 +261,23 @@ def add_identity(layer: dict, identity: Optional[dict], l: int) -> dict:
 
 def mix_one_tensor(widened: Iterable[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
     """``sum_j coef[j] * widened[j]`` in j order: one tensor of `mix_one_layer`, the same sum, so
-    the result is bitwise the same; `widened` may be a generator (one widened tensor alive)."""
+    the result is bitwise the same; `widened` may be a generator (one widened tensor alive). The
+    widened tensors must be fresh (apply_roles's are): under no_grad they are scaled in place."""
+    # Without autograd (streaming a grown model into an engine) the sum is made in place: one
+    # widened tensor and the running sum alive, not also the scaled term and the new sum. The same
+    # products and sums either way, so the result is bitwise the same.
+    inplace = not torch.is_grad_enabled()
     out = None
     for j, t in enumerate(widened):
-        term = coef[j].to(t.dtype) * t
-        out = term if j == 0 else out + term
+        term = t.mul_(coef[j].to(t.dtype)) if inplace else coef[j].to(t.dtype) * t
+        del t  # before the generator makes the next widened tensor
+        if j == 0:
+            out = term
+        elif inplace:
+            out += term
+        else:
+            out = out + term
+        del term
     return out
 
 

@@ -46,12 +46,14 @@ class LayerStream:
         self.layers_made = 0
         self.peak_layer_bytes = 0
 
-    def _hf(self, glob: Optional[dict], layer0: Optional[dict]) -> dict:
-        return one_block_hf(self.spec1, glob, layer0)
+    def _hf(self, glob: Optional[dict], layer0: Optional[dict], consume: bool = False) -> dict:
+        return one_block_hf(self.spec1, glob, layer0, consume=consume)
 
     def _make(self, i: int) -> dict:
         self._layer = (None, {})  # drop the previous layer before making the next
-        hf = self._hf(None, self.make_layer(i))
+        # consume: each canonical tensor dies as its HF copy is made (GPT-2 copies), so one large
+        # layer is alive, not a canonical and an HF one side by side.
+        hf = self._hf(None, self.make_layer(i), consume=True)
         block0 = self.prefix + "0."
         layer = {k[len(block0):]: t for k, t in hf.items() if k.startswith(block0)}
         self.layers_made += 1
@@ -72,6 +74,12 @@ class LayerStream:
         return self._layer[1][rest]
 
 
+def _contiguous(layer: dict) -> dict:
+    """The layer's tensors made contiguous (the widening maps leave some strided), each original
+    dropped as its copy is made: one layer alive, not the strided one and its copy side by side."""
+    return {s: layer.pop(s).detach().contiguous() for s in list(layer)}
+
+
 def ligo_stream(op) -> LayerStream:
     """The large model a fitted LiGO operator makes, one large layer at a time."""
     with torch.no_grad():
@@ -80,7 +88,7 @@ def ligo_stream(op) -> LayerStream:
 
     def make(i: int) -> dict:
         with torch.no_grad():
-            return {s: t.detach().contiguous() for s, t in op.streamed_layer(i, res).items()}
+            return _contiguous(op.streamed_layer(i, res))
 
     return LayerStream(op.large, glob, make)
 
@@ -109,4 +117,4 @@ def fixed_stream(spec_small: ModelSpec, small: dict, spec_large: ModelSpec, meth
         from .api import grow_canonical
 
         return canonical_stream(spec_large, grow_canonical(spec_small, small, spec_large, method, **opts))
-    return LayerStream(spec_large, fixed.glob, lambda i: {s: t.contiguous() for s, t in fixed.layer(i).items()})
+    return LayerStream(spec_large, fixed.glob, lambda i: _contiguous(fixed.layer(i)))
