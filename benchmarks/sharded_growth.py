@@ -122,6 +122,11 @@ def demo_share(root: Path, env: dict) -> dict:
             "stage2_train_s": stage_train_s, "growth_share": ev["growth_s"] / stage_train_s,
             "mechanics_share": mech / stage_train_s, "fit_share": ev["fit_s"] / stage_train_s,
             "fit_tokens": ev["fit_tokens"], "stage2_tokens": summary["tokens"] - ev["tokens"] - ev["fit_tokens"],
+            # fit share = (fit tokens / stage tokens) x (a fit token's time / a training token's):
+            # the first is the recipe's choice, the second the fit's own cost.
+            "fit_token_share": ev["fit_tokens"] / (summary["tokens"] - ev["tokens"] - ev["fit_tokens"]),
+            "fit_time_per_token_ratio": (ev["fit_s"] / ev["fit_tokens"])
+            / (stage_train_s / (summary["tokens"] - ev["tokens"] - ev["fit_tokens"])),
             "loss_before": ev["loss_before"], "loss_after": ev["loss_after"], "final_val_loss": summary["val_loss"]}
 
 
@@ -169,7 +174,9 @@ def main() -> int:
         print(f"\ndemo (default recipe, 1 rank, ZeRO-2): growth {demo['growth_s']:.2f} s = "
               f"{100 * demo['growth_share']:.1f}% of stage 2's {demo['stage2_train_s']:.1f} s of training "
               f"(fit {demo['fit_s']:.2f} s = {100 * demo['fit_share']:.1f}%, gather+write+engine "
-              f"{demo['mechanics_s']:.2f} s = {100 * demo['mechanics_share']:.2f}%); val loss "
+              f"{demo['mechanics_s']:.2f} s = {100 * demo['mechanics_share']:.2f}%; the fit is "
+              f"{100 * demo['fit_token_share']:.1f}% of the stage's tokens at {demo['fit_time_per_token_ratio']:.2f}x "
+              f"a training token's time); val loss "
               f"{demo['loss_before']:.4f} -> {demo['loss_after']:.4f} at the boundary, {demo['final_val_loss']:.4f} at the end")
     res = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
            "seq_len": SEQ, "global_batch": BATCH, "fit_steps": a.fit_steps, "method": a.method, "runs": rows, "demo": demo}
