@@ -138,7 +138,6 @@ def test_state_dict_round_trip_is_bitwise(name):
     assert model.state_dict()[next(iter(sd))].abs().sum() > 0
 
 
-
 @pytest.mark.parametrize("name", SPECS)
 def test_consuming_conversion_gives_the_same_tensors_and_empties_the_layers(name):
     # consume=True (a grown layer streamed into an engine) must change what is kept, not the result.
@@ -151,6 +150,7 @@ def test_consuming_conversion_gives_the_same_tensors_and_empties_the_layers(name
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert not [k for k in given if k.startswith("layers.")]  # every layer tensor handed over
     assert sorted(given) == sorted(k for k in c if not k.startswith("layers."))
+
 
 @pytest.mark.parametrize("name", SPECS)
 def test_logits_match_hf_and_the_layout_means_what_it_says(name):
