@@ -118,15 +118,15 @@ def demo_share(root: Path, env: dict) -> dict:
     grown_at = next(i for i, m in enumerate(lines) if m.get("event") == "growth")
     stage_train_s = lines[-1]["elapsed_s"] - lines[grown_at]["elapsed_s"]
     mech = ev["gather_s"] + ev["write_s"] + ev["engine_s"]
+    stage_tokens = summary["tokens"] - ev["tokens"] - ev["fit_tokens"]
     return {"growth_s": ev["growth_s"], "fit_s": ev["fit_s"], "mechanics_s": mech,
             "stage2_train_s": stage_train_s, "growth_share": ev["growth_s"] / stage_train_s,
             "mechanics_share": mech / stage_train_s, "fit_share": ev["fit_s"] / stage_train_s,
-            "fit_tokens": ev["fit_tokens"], "stage2_tokens": summary["tokens"] - ev["tokens"] - ev["fit_tokens"],
+            "fit_tokens": ev["fit_tokens"], "stage2_tokens": stage_tokens,
             # fit share = (fit tokens / stage tokens) x (a fit token's time / a training token's):
             # the first is the recipe's choice, the second the fit's own cost.
-            "fit_token_share": ev["fit_tokens"] / (summary["tokens"] - ev["tokens"] - ev["fit_tokens"]),
-            "fit_time_per_token_ratio": (ev["fit_s"] / ev["fit_tokens"])
-            / (stage_train_s / (summary["tokens"] - ev["tokens"] - ev["fit_tokens"])),
+            "fit_token_share": ev["fit_tokens"] / stage_tokens,
+            "fit_time_per_token_ratio": (ev["fit_s"] / ev["fit_tokens"]) / (stage_train_s / stage_tokens),
             "loss_before": ev["loss_before"], "loss_after": ev["loss_after"], "final_val_loss": summary["val_loss"]}
 
 
