@@ -14,6 +14,11 @@ corpus, tokenizer, data order, held-out split, LR schedule shape and seed:
            the training split with its FLOPs counted), then the large model trained from those
            weights (train.init_from) for `large_tokens` (one run per LR in `lrs`).
 
+A `methods` entry is a method's options (`ligo: {fit_steps: 20}`) or a labelled variant naming its
+method (`ligo-fit10: {method: ligo, fit_steps: 10}`). Two keys of an entry are for the grown run,
+not the growth: `lrs` (that method's own LR sweep) and `train` (recipe `train:` fields for the runs
+after growth, e.g. a longer post-growth warmup `{warmup_tokens: 0.15}`; not `lr`, use `lrs`).
+
 Runs whose LR is swept pick their LR by final TRAINING loss: nothing is tuned on the held-out
 split. The target is the scratch run's final held-out loss. Per method it reports the FLOPs and
 wall time to reach it (linear interpolation between evaluations), the saving (a) with the small
@@ -79,12 +84,12 @@ class Runner:
         self.cfg, self.work, self.ds_config, self.env = cfg, work, ds_config, env
 
     def recipe(self, name: str, model: dict, tokens: int, lr: float, seed: int, init_from: str | None = None,
-               export: bool = False) -> Path:
+               export: bool = False, train: dict | None = None) -> Path:
         base = self.cfg["base"]
         r = merge(base, {"model": model})
         r["name"] = name
         r["export_hf"] = export
-        r["train"] = {**r.get("train", {}), "tokens": tokens, "lr": lr, "seed": seed,
+        r["train"] = {**r.get("train", {}), **(train or {}), "tokens": tokens, "lr": lr, "seed": seed,
                       "eval_every": max(tokens // self.cfg["evals"], 1), "init_from": init_from}
         p = self.work / f"{name}.yaml"
         p.write_text(yaml.safe_dump(r, sort_keys=False))
@@ -181,6 +186,19 @@ def grow_small(cfg: dict, small_dir: Path, method: str, opts: dict, dest: Path, 
     return res
 
 
+def split_entry(cfg: dict, label: str) -> tuple[dict, list, dict]:
+    """A methods entry as (growth options, the grown runs' LRs, their extra `train:` fields)."""
+    opts = dict(cfg["methods"][label] or {})
+    lrs = opts.pop("lrs", cfg["lrs"])
+    train = opts.pop("train", None) or {}
+    if not isinstance(lrs, list) or not lrs or not all(isinstance(x, (int, float)) for x in lrs):
+        raise SystemExit(f"growth_vs_scratch: methods.{label}.lrs: expected a list of numbers, got {lrs!r}")
+    if not isinstance(train, dict) or "lr" in train or "tokens" in train or "seed" in train:
+        raise SystemExit(f"growth_vs_scratch: methods.{label}.train: expected a mapping of train fields "
+                         f"other than lr, tokens and seed (use lrs for the LR), got {train!r}")
+    return opts, lrs, train
+
+
 def validate(cfg: dict, methods: list[str], work: Path) -> None:
     """Every run's recipe and every growth request, checked before anything trains (SystemExit,
     one line)."""
@@ -201,7 +219,14 @@ def validate(cfg: dict, methods: list[str], work: Path) -> None:
     vocab = large.data.vocab_size
     s_spec, l_spec = small.model.with_vocab(vocab), large.model.with_vocab(vocab)
     for label in methods:
-        opts = dict(cfg["methods"][label] or {})
+        opts, lrs, train = split_entry(cfg, label)
+        if train:
+            try:
+                load_recipe(str(runner.recipe("check-large", {}, cfg["large_tokens"], lrs[0], seed, train=train)))
+            except (ConfigError, ValueError) as e:
+                raise SystemExit(f"growth_vs_scratch: methods.{label}.train: {e}") from None
+            finally:
+                (work / "check-large.yaml").unlink(missing_ok=True)
         method = opts.pop("method", label)
         fit_steps = int(opts.pop("fit_steps", 0)) if method == "ligo" else 0
         opts.pop("fit_batch", None)
@@ -234,10 +259,12 @@ def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict
                         "sweep": {str(lr): {"final_train_loss": c["final_train_loss"], "final_val_loss": c["final_val_loss"]}
                                   for lr, c in scratch.items()}}}
     for m in methods:
-        g = grow_small(cfg, small_out / "final_model", m, cfg["methods"][m] or {}, work / f"grown-{m}", seed)
+        opts, lrs, train = split_entry(cfg, m)
+        g = grow_small(cfg, small_out / "final_model", m, opts, work / f"grown-{m}", seed)
         runs = {lr: curve(runner.run(f"{m}-lr{lr:g}", runner.recipe(f"{m}-lr{lr:g}", {}, L, lr, seed,
-                                                                      init_from=str(work / f"grown-{m}"))))
-                for lr in cfg["lrs"]}
+                                                                      init_from=str(work / f"grown-{m}"),
+                                                                      train=train)))
+                for lr in lrs}
         lr, c = pick(runs)
         fit = g["fit_flops"]
         f_hit = crossing(c["flops"], c["loss"], target)

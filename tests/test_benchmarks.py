@@ -74,3 +74,19 @@ def test_a_method_that_cannot_grow_the_pair_fails_before_training(tmp_path):
     assert proc.returncode != 0 and "methods.stack" not in proc.stderr
     assert "hyperclone" in proc.stderr and "integer multiples" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w" / "seed1234").exists()
+
+
+@pytest.mark.parametrize("entry, words", [({"train": {"lr": 1e-3}}, "use lrs for the LR"),
+                                          ({"train": {"warmup_tokens": "lots"}}, "methods.fpi.train"),
+                                          ({"lrs": []}, "methods.fpi.lrs")])
+def test_a_bad_grown_run_setting_fails_before_training(tmp_path, entry, words):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import growth_vs_scratch as gvs
+    finally:
+        sys.path.pop(0)
+    cfg = gvs.load_bench(str(REPO / "benchmarks" / "recipes" / "tiny-gpt2.yaml"), True)
+    cfg["methods"]["fpi"] = entry
+    with pytest.raises(SystemExit, match=words.replace(".", r"\.")):
+        gvs.validate(cfg, ["fpi"], tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -129,6 +129,22 @@ def test_ligo_fpi_init_equals_fpi_with_identity_depth(smalls):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
 
 
+def test_ligo_depth_init_mixes_one_inits_width_with_anothers_depth(smalls):
+    small, c = smalls["gpt2"]
+    target = resolve_target(small, {"layers": 2 * small.layers, "hidden": 2 * small.hidden})
+    mixed = LiGO(small, c, target, init="stack_noisy", depth_init="fpi")
+    width, depth = LiGO(small, c, target, init="stack_noisy"), LiGO(small, c, target, init="fpi")
+    assert mixed.tying == "paper" and torch.equal(mixed.res, width.res)  # the width maps are stack_noisy's
+    assert mixed.depth.keys() == depth.depth.keys()
+    assert all(torch.equal(mixed.depth[k], depth.depth[k]) for k in depth.depth)  # the depth plan is fpi's
+    # fpi's plan switches new layers' residual writers off; stack_noisy's rows are all positive.
+    zero_rows = {k: int((w.abs().sum(1) == 0).sum()) for k, w in mixed.depth.items()}
+    assert max(zero_rows.values()) == target.layers - small.layers
+    assert all(bool((w > 0).all()) for w in width.depth.values())
+    with pytest.raises(GrowthError, match="depth_init must be one of"):
+        grow_canonical(small, c, target, "ligo", depth_init="stack")
+
+
 def test_ligo_tying_and_shapes(smalls):
     small, c = smalls["llama-gqa"]
     target = resolve_target(small, {"layers": 3, "hidden": 64})

@@ -62,7 +62,7 @@ def _check_fixed(method: str, small: ModelSpec, large: ModelSpec, opts: dict) ->
 
 
 # LiGO's own options (its fitting options are fit.FIT_OPTIONS).
-LIGO_OPTIONS = {"init": "stack_noisy", "tying": None, "noise": 0.03, "seed": 0}
+LIGO_OPTIONS = {"init": "stack_noisy", "tying": None, "noise": 0.03, "seed": 0, "depth_init": None}
 ALL_METHODS = ("ligo",) + tuple(METHODS)
 
 
@@ -94,8 +94,7 @@ def check_request(small: ModelSpec, large: ModelSpec, method: str, fit_steps: in
         raise GrowthError(f"{method}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     check_mask_token_id(small, mask_token_id)
     if method == "ligo":
-
-        check_ligo(small, large, opts.get("init", "stack_noisy"), opts.get("tying"))
+        check_ligo(small, large, opts.get("init", "stack_noisy"), opts.get("tying"), opts.get("depth_init"))
         check_fit_options(small, **{k: v for k, v in opts.items() if k not in LIGO_OPTIONS})
     else:
         _check_fixed(method, small, large, opts)

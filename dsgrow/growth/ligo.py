@@ -39,6 +39,11 @@ Inits (``init``):
   wherever FPI is: any depth and any MLP/head growth, integer residual multiples (all families),
   exact up to LayerNorm eps for new BERT layers.
 
+``depth_init`` (default: the init's own) starts the depth matrices from another init's depth part
+while the width maps keep ``init``'s: ``init="stack_noisy", depth_init="fpi"`` is a learned width map
+over FPI's depth plan (new layers start as copies whose residual writers are off). Only the
+starting point changes; every map is still learned.
+
 Differences from the official code: every B is learned in full (the official code fixes B's top
 block at I and learns only the rows below); the GQA tying above and the "pinv"/"fpi" options are
 additions (the official code is BERT/RoBERTa only).
@@ -68,9 +73,11 @@ class LiGO(nn.Module):
     buffers. ``op()`` returns the large canonical dict (differentiable in the maps)."""
 
     def __init__(self, small: ModelSpec, canonical: dict, large: ModelSpec, init: str = "stack_noisy",
-                 tying: Optional[str] = None, noise: float = 0.03, seed: int = 0):
+                 tying: Optional[str] = None, noise: float = 0.03, seed: int = 0,
+                 depth_init: Optional[str] = None):
         super().__init__()
-        check_ligo(small, large, init, tying)
+        check_ligo(small, large, init, tying, depth_init)
+        depth_init = depth_init or init
         self.small, self.large, self.init = small, large, init
         self.tying = tying or ("pinv" if init == "fpi" else "paper")
         layers, glob = split_layers(small, canonical)
@@ -109,11 +116,11 @@ class LiGO(nn.Module):
         onehot[torch.arange(L2), torch.arange(L2) % L1] = 1.0
         depth: dict = {}
         ident = None
-        if init == "stack_noisy":
+        if depth_init == "stack_noisy":
             for s in self.layer_names:
                 w = onehot + noise * torch.rand(L2, L1, generator=g)
                 depth[s] = w / w.sum(1, keepdim=True)
-        elif init == "net2net":
+        elif depth_init == "net2net":
             depth = {s: onehot.clone() for s in self.layer_names}
         else:
             depth, ident = identity_plan(L1, L2, self.post_ln).matrices(self.layer_names, L1, self.post_ln)
@@ -193,9 +200,12 @@ class LiGO(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def check_ligo(small: ModelSpec, large: ModelSpec, init: str = "stack_noisy", tying: Optional[str] = None) -> None:
+def check_ligo(small: ModelSpec, large: ModelSpec, init: str = "stack_noisy", tying: Optional[str] = None,
+               depth_init: Optional[str] = None) -> None:
     if init not in INITS:
         raise GrowthError(f"ligo: init must be one of {', '.join(INITS)}, got {init!r}")
+    if depth_init is not None and depth_init not in INITS:
+        raise GrowthError(f"ligo: depth_init must be one of {', '.join(INITS)}, got {depth_init!r}")
     if tying not in (None, "paper", "pinv"):
         raise GrowthError(f"ligo: tying must be 'paper' or 'pinv', got {tying!r}")
     check_growth(small, large, "ligo" if init == "stack_noisy" else f"ligo init={init}",
