@@ -21,17 +21,22 @@ the small weights: the phase's working set. It is printed against the bound
 
     large-model shard (fp32 params / world) + small model (fp32) + one large layer (fp32)
 
-and against the bound plus the LiGO operator's own maps (they are alive until the last layer
-is written; at 4x256 -> 8x512 the per-layer FFN maps alone are 32 MiB). "write rise" is the
-write phase's peak above its own start: the large shard and the layer being made, without what
-the phase was handed (small model, operator, grown embeddings) or what the fit left behind
-(about 10 MiB of one-time runtime state at this size: a second fit in the same process leaves
-0.1 MiB).
-
 for the gather and write phases (the fit also holds activations and the operator, the engine
-phase Adam states: they are shown, not bounded). Then the README demo (the embedded default
-recipe, 1 rank, ZeRO-2) is run and growth time is reported as a share of its second stage's
-training time. Writes benchmarks/results/sharded_growth.json.
+phase Adam states: they are shown, not bounded), and against the bound plus the LiGO operator's
+own maps (they are alive until the last layer is written; at 4x256 -> 8x512 the per-layer FFN
+maps alone are 32 MiB). "write rise" is the write phase's peak above its own start: the large
+shard and the layer being made, without what the phase was handed (small model, operator, grown
+embeddings) or what the fit left behind: about 10-13 MiB of one-time process state at this size,
+not tensors (/proc/self/smaps before and after a first fit: ~7 MiB of torch's own code pages,
+file-backed, paged in by the first large backward; ~3.5 MiB of MKL's buffer cache, gone with
+MKL_DISABLE_FAST_MM=1; ~2 MiB heap and thread arenas; a second fit leaves 0.1 MiB).
+
+"write without code pages" takes out of the write phase's working set the library code paged in
+since the base (RssFile, file-backed and shared by every rank on a node; what was resident at the
+phase's end, so a lower estimate): the rank's own memory.
+
+Then the README demo (the embedded default recipe, 1 rank, ZeRO-2) is run and growth time is
+reported as a share of its second stage's training time. Writes benchmarks/results/sharded_growth.json.
 """
 from __future__ import annotations
 
@@ -107,6 +112,12 @@ def sized_run(name: str, world: int, root: Path, env: dict, fit_steps: int, meth
                              "rise_mib": rise,
                              "vs_bound": max(work) / (bound / MIB),
                              "vs_bound_with_operator": max(work) / ((bound + op_b) / MIB)}
+        if "host_file_end" in mem and "host_base_file_mib" in ev:
+            # Without library code paged in since the base (file-backed, shared by every rank on a
+            # node): at most what was resident by the phase's end, so this is a lower estimate.
+            anon = [w - max(0.0, f - fb) for w, f, fb in zip(work, mem["host_file_end"], ev["host_base_file_mib"])]
+            row["phases"][ph].update(anon_working_set_mib=anon, max_anon_working_set_mib=max(anon),
+                                     anon_vs_bound_with_operator=max(anon) / ((bound + op_b) / MIB))
     return row
 
 
@@ -128,6 +139,12 @@ def demo_share(root: Path, env: dict) -> dict:
             "fit_token_share": ev["fit_tokens"] / stage_tokens,
             "fit_time_per_token_ratio": (ev["fit_s"] / ev["fit_tokens"]) / (stage_train_s / stage_tokens),
             "loss_before": ev["loss_before"], "loss_after": ev["loss_after"], "final_val_loss": summary["val_loss"]}
+
+
+def anon_col(ph: dict) -> str:
+    if "max_anon_working_set_mib" not in ph:
+        return "-"
+    return f"{ph['max_anon_working_set_mib']:.1f} ({ph['anon_vs_bound_with_operator']:.2f})"
 
 
 def main() -> int:
@@ -160,14 +177,14 @@ def main() -> int:
         demo = demo_share(root, demo_env) if a.demo else None
     print("\nper-rank working set (max over ranks) and time of each growth phase, ZeRO-3, fp32, CPU")
     print("| method, size | world | large params | bound MiB | + operator MiB | gather MiB (x bound) | write MiB (x bound, "
-          "x bound+operator) | write rise MiB | fit MiB | engine MiB | gather s | fit s | write s | engine s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "x bound+operator) | write without code pages MiB (x bound+operator) | write rise MiB | fit MiB | engine MiB | gather s | fit s | write s | engine s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ph = r["phases"]
         print(f"| {r['method']} {r['small']} -> {r['large']} | {r['world']} | {r['large_params'] / 1e6:.2f}M | {r['bound_mib']:.1f} "
               f"| {r['operator_mib']:.1f} | {ph['gather']['max_working_set_mib']:.1f} ({ph['gather']['vs_bound']:.2f}) "
               f"| {ph['write']['max_working_set_mib']:.1f} ({ph['write']['vs_bound']:.2f}, "
-              f"{ph['write']['vs_bound_with_operator']:.2f}) | {max(ph['write']['rise_mib']):.1f} "
+              f"{ph['write']['vs_bound_with_operator']:.2f}) | {anon_col(ph['write'])} | {max(ph['write']['rise_mib']):.1f} "
               f"| {ph['fit']['max_working_set_mib']:.1f} | {ph['engine']['max_working_set_mib']:.1f} "
               f"| {ph['gather']['s']:.2f} | {ph['fit']['s']:.2f} | {ph['write']['s']:.2f} | {ph['engine']['s']:.2f} |")
     if demo:

@@ -31,6 +31,12 @@ def rss_mib() -> float:
     return v if v is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def file_mib() -> float | None:
+    """Resident file-backed pages (RssFile): mostly shared libraries' code, paged in on first use
+    and shared by every process on the machine that maps them, so not a rank's own memory."""
+    return _status_mib("RssFile")
+
+
 def trim() -> None:
     """Hand freed heap memory back to the OS (glibc), so resident memory tracks live memory."""
     try:
@@ -52,7 +58,8 @@ def _reset_host_peak() -> bool:
 
 @contextmanager
 def phase(record: dict, name: str, device: torch.device | None = None):
-    """Times the block and fills record[name] = {s, host_peak_mib, host_start_mib[, gpu_peak_mib]}."""
+    """Times the block and fills record[name] = {s, host_peak_mib, host_start_mib[, host_file_end_mib,
+    gpu_peak_mib]}."""
     trim()
     exact = _reset_host_peak()
     start = rss_mib()
@@ -68,6 +75,8 @@ def phase(record: dict, name: str, device: torch.device | None = None):
             torch.cuda.synchronize(device)
         out = {"s": time.perf_counter() - t0, "host_start_mib": start,
                "host_peak_mib": (_status_mib("VmHWM") if exact else None) or rss_mib(), "host_exact": exact}
+        if file_mib() is not None:
+            out["host_file_end_mib"] = file_mib()
         if cuda:
             out["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         record[name] = out

@@ -471,7 +471,7 @@ class Trainer:
         from .growth.api import LIGO_OPTIONS
         from .growth.moments import moment_streams
         from .growth.stream import fixed_stream, ligo_stream
-        from .memory import phase, rss_mib, trim
+        from .memory import file_mib, phase, rss_mib, trim
         from .stages import fit_batch, fit_tokens_of
 
         nxt = self.stages[self.stage.index + 1]
@@ -505,6 +505,7 @@ class Trainer:
             self.engine = self.handle = None
             trim()
             base = rss_mib()  # the process without any engine, the small weights included
+            base_file = file_mib()  # of which file-backed (library code), to tell code paged in later
         # 2. The operator, on the engine's device, fitted data-parallel on the run's own stream.
         opts = nxt.method_options()
         fit_flops = 0.0
@@ -579,13 +580,16 @@ class Trainer:
         self.stage_t0 = self.tokens
         self.growth_done = True
         self._reset_stage_state()
-        per_rank = all_gather_object({"phases": phases, "base": base})
+        per_rank = all_gather_object({"phases": phases, "base": base, "base_file": base_file})
         ev["host_base_mib"] = [r["base"] for r in per_rank]
+        if all(r["base_file"] is not None for r in per_rank):
+            ev["host_base_file_mib"] = [r["base_file"] for r in per_rank]
         ev["memory_mib"] = {}
         for name in phases:  # the slowest rank's time; every rank's memory
             ev[f"{name}_s"] = max(r["phases"][name]["s"] for r in per_rank)
             ev["memory_mib"][name] = {k: [r["phases"][name][f"{k}_mib"] for r in per_rank]
-                                      for k in ("host_start", "host_peak", "gpu_peak") if f"{k}_mib" in phases[name]}
+                                      for k in ("host_start", "host_peak", "host_file_end", "gpu_peak")
+                                      if f"{k}_mib" in phases[name]}
         ev.update(fit_tokens=fit_tokens, fit_flops=fit_flops, growth_s=time.perf_counter() - t0)
         if g.get("export_grown"):
             self.export(self.out / "stages" / f"stage{nxt.index}-grown")

@@ -51,6 +51,10 @@ def test_sharded_growth_equals_one_process_build_and_trains_on(tmp_path, stage):
     ev = [m for m in metrics(out) if m.get("event") == "growth"]
     assert len(ev) == 1 and ev[0]["fit_tokens"] == 3 * 16 * 64 and ev[0]["fit_flops"] > 0
     assert ev[0]["bytes_gathered"] > 0 and ev[0]["elements_written"] > 0
+    # Per rank: the base, each phase's peak, and the library code resident then (never above RSS).
+    mem = ev[0]["memory_mib"]
+    assert len(ev[0]["host_base_mib"]) == len(ev[0]["host_base_file_mib"]) == 2
+    assert all(0 < f < p for f, p in zip(mem["write"]["host_file_end"], mem["write"]["host_peak"]))
     after = [m["val_loss"] for m in metrics(out) if "val_loss" in m and m["step"] > ev[0]["step"]]
     assert after[-1] < ev[0]["loss_after"] - 0.05, (ev[0], after)  # training goes on and the loss falls
     s = json.loads((out / "summary.json").read_text())
@@ -98,6 +102,8 @@ def test_resume_before_during_and_after_growth(tmp_path, fault):
     (f"[{{model: {SMALL}, tokens: 8K}}, {{grow: {{method: fpi}}, model: {{family: llama, layers: 4}}, tokens: 8K}}]",
      "family"),
     (f"[{{model: {SMALL}, tokens: 8K, train: {{seq_len: 32}}}}]", "seq_len"),
+    (f"[{{model: {SMALL}, tokens: 8K}}, {{grow: {{method: ligo, depth_init: stack}}, model: {{layers: 4}}, tokens: 8K}}]",
+     "depth_init"),
 ])
 def test_bad_stages_fail_at_load(stages, needle):
     from dsgrow.config import ConfigError, load_recipe
