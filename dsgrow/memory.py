@@ -75,8 +75,9 @@ def phase(record: dict, name: str, device: torch.device | None = None):
             torch.cuda.synchronize(device)
         out = {"s": time.perf_counter() - t0, "host_start_mib": start,
                "host_peak_mib": (_status_mib("VmHWM") if exact else None) or rss_mib(), "host_exact": exact}
-        if file_mib() is not None:
-            out["host_file_end_mib"] = file_mib()
+        code = file_mib()
+        if code is not None:
+            out["host_file_end_mib"] = code
         if cuda:
             out["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         record[name] = out
