@@ -207,26 +207,25 @@ def validate(cfg: dict, methods: list[str], work: Path) -> None:
 
     runner = Runner(cfg, work, "", {})
     seed = cfg["seeds"][0]
-    try:
-        small = load_recipe(str(runner.recipe("check-small", cfg["small"]["model"], cfg["small"]["tokens"],
-                                              cfg["small"].get("lr", cfg["lrs"][0]), seed)))
-        large = load_recipe(str(runner.recipe("check-large", {}, cfg["large_tokens"], cfg["lrs"][0], seed)))
-    except (ConfigError, ValueError) as e:
-        raise SystemExit(f"growth_vs_scratch: {e}") from None
-    finally:
-        for n in ("check-small", "check-large"):
-            (work / f"{n}.yaml").unlink(missing_ok=True)
+
+    def load_checked(where: str, name: str, *args, **kwargs):
+        """The dsgrow recipe a run would get, loaded and its file removed again."""
+        try:
+            return load_recipe(str(runner.recipe(name, *args, seed=seed, **kwargs)))
+        except (ConfigError, ValueError) as e:
+            raise SystemExit(f"growth_vs_scratch: {where}{e}") from None
+        finally:
+            (work / f"{name}.yaml").unlink(missing_ok=True)
+
+    small = load_checked("", "check-small", cfg["small"]["model"], cfg["small"]["tokens"],
+                         cfg["small"].get("lr", cfg["lrs"][0]))
+    large = load_checked("", "check-large", {}, cfg["large_tokens"], cfg["lrs"][0])
     vocab = large.data.vocab_size
     s_spec, l_spec = small.model.with_vocab(vocab), large.model.with_vocab(vocab)
     for label in methods:
         opts, lrs, train = split_entry(cfg, label)
         if train:
-            try:
-                load_recipe(str(runner.recipe("check-large", {}, cfg["large_tokens"], lrs[0], seed, train=train)))
-            except (ConfigError, ValueError) as e:
-                raise SystemExit(f"growth_vs_scratch: methods.{label}.train: {e}") from None
-            finally:
-                (work / "check-large.yaml").unlink(missing_ok=True)
+            load_checked(f"methods.{label}.train: ", "check-large", {}, cfg["large_tokens"], lrs[0], train=train)
         method = opts.pop("method", label)
         fit_steps = int(opts.pop("fit_steps", 0)) if method == "ligo" else 0
         opts.pop("fit_batch", None)

@@ -49,16 +49,22 @@ def test_growth_vs_scratch_refuses_an_unknown_method(tmp_path):
     assert proc.returncode != 0 and "magic" in proc.stderr and not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "benchmarks" / "recipes").glob("*.yaml")))
-@pytest.mark.parametrize("quick", [False, True])
-def test_every_benchmark_recipe_is_valid(tmp_path, name, quick):
-    """Each shipped benchmark recipe: every run's dsgrow recipe loads and every growth request is
-    one the method can carry out (what the benchmark checks before it trains anything)."""
+def growth_vs_scratch():
+    """The benchmark script as a module (it lives outside the package)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import growth_vs_scratch as gvs
     finally:
         sys.path.pop(0)
+    return gvs
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "benchmarks" / "recipes").glob("*.yaml")))
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_benchmark_recipe_is_valid(tmp_path, name, quick):
+    """Each shipped benchmark recipe: every run's dsgrow recipe loads and every growth request is
+    one the method can carry out (what the benchmark checks before it trains anything)."""
+    gvs = growth_vs_scratch()
     cfg = gvs.load_bench(str(REPO / "benchmarks" / "recipes" / f"{name}.yaml"), quick)
     gvs.validate(cfg, list(cfg["methods"]), tmp_path)
     assert not any(tmp_path.iterdir())  # the check leaves nothing behind
@@ -80,11 +86,7 @@ def test_a_method_that_cannot_grow_the_pair_fails_before_training(tmp_path):
                                           ({"train": {"warmup_tokens": "lots"}}, "methods.fpi.train"),
                                           ({"lrs": []}, "methods.fpi.lrs")])
 def test_a_bad_grown_run_setting_fails_before_training(tmp_path, entry, words):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import growth_vs_scratch as gvs
-    finally:
-        sys.path.pop(0)
+    gvs = growth_vs_scratch()
     cfg = gvs.load_bench(str(REPO / "benchmarks" / "recipes" / "tiny-gpt2.yaml"), True)
     cfg["methods"]["fpi"] = entry
     with pytest.raises(SystemExit, match=words.replace(".", r"\.")):
