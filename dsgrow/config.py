@@ -336,7 +336,7 @@ class Recipe:
                 # The operator's own matmuls (a few % at the benchmark's sizes) are not counted here;
                 # the run's meter counts them.
                 fit = fit_tokens_of(s)
-                recompute = 4 / 3 if (s.grow or {}).get("memory", "layerwise") == "layerwise" else 1.0
+                recompute = 4 / 3 if s.grow and s.grow.options.get("memory", "layerwise") == "layerwise" else 1.0
                 need += (s.tokens - fit) * fpt + fit * fpt * recompute
             if need > float(b["flops"]):
                 raise ConfigError(f"stages: their tokens need {need:.3e} FLOPs, more than budget.flops "

@@ -3,7 +3,7 @@
     stages:
       - model: {family: gpt2, layers: 4, hidden: 128, heads: 4}
         tokens: 2_000_000
-      - grow: {method: ligo, fit_steps: 100}
+      - grow: {method: ligo, fit_steps: 100}   # GrowConfig; other keys: the method's options
         model: {layers: 8, hidden: 256, heads: 8}
         tokens: 4_000_000
         train: {lr: 1e-3}          # optional: this stage's train.* overrides
@@ -25,10 +25,45 @@ STAGE_KEYS = ("model", "tokens", "grow", "train")
 # train.* fields a stage may not change: the data stream is in samples of seq_len, and the seed
 # and token count belong to the run.
 FIXED_TRAIN = ("seq_len", "seed", "tokens", "init_from")
-GROW_RUN_KEYS = ("method", "fit_steps", "optimizer", "fit_batch", "export_grown")
 # Adam's state at a growth: a fresh optimizer, or the small model's moments mapped onto the large
 # one (function-preserving copy operators only; growth/moments.py).
 OPTIMIZER_CHOICES = ("reset", "transfer")
+
+
+@dataclass
+class GrowConfig:
+    """A stage's `grow:` mapping, typed. Keys other than these are the method's own options
+    (checked against the method's registry entry when the recipe loads)."""
+
+    method: str = "ligo"
+    """A registered growth method (dsgrow.growth.REGISTRY)."""
+    fit_steps: int = 0
+    """Steps of the operator's fit (methods that learn: ligo)."""
+    optimizer: str = "reset"
+    """reset | transfer (Adam's moments mapped through a function-preserving operator)."""
+    fit_batch: Optional[int] = None
+    """Blocks per fit step, all ranks together (default: the stage's global batch)."""
+    export_grown: bool = False
+    """Write the small, grown (and operator / moment) tensors under out/stages/, for checks."""
+    options: dict = dataclasses.field(default_factory=dict)
+    """The method's options (e.g. init, depth_init, lr for ligo; noise for hyperclone)."""
+
+    @classmethod
+    def from_mapping(cls, d: dict, where: str) -> "GrowConfig":
+        from .config import ConfigError
+
+        own = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        g = cls(**{k: v for k, v in d.items() if k in own}, options={k: v for k, v in d.items() if k not in own})
+        if g.optimizer not in OPTIMIZER_CHOICES:
+            raise ConfigError(f"{where}.optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, got {g.optimizer!r}")
+        if isinstance(g.fit_steps, bool) or not isinstance(g.fit_steps, int) or g.fit_steps < 0:
+            raise ConfigError(f"{where}.fit_steps must be an integer >= 0, got {g.fit_steps!r}")
+        if g.fit_batch is not None and (isinstance(g.fit_batch, bool) or not isinstance(g.fit_batch, int)
+                                        or g.fit_batch <= 0):
+            raise ConfigError(f"{where}.fit_batch must be a positive integer, got {g.fit_batch!r}")
+        if not isinstance(g.export_grown, bool):
+            raise ConfigError(f"{where}.export_grown must be true or false, got {g.export_grown!r}")
+        return g
 
 
 @dataclass
@@ -41,15 +76,12 @@ class Stage:
     """Tokens consumed before the stage starts."""
     train: Any
     """The stage's TrainConfig (train.tokens = this stage's training tokens)."""
-    grow: Optional[dict] = None
-    """{method, fit_steps, optimizer, fit_batch, export_grown, **method options}; None for stage 0."""
+    grow: Optional[GrowConfig] = None
+    """How this stage grows from the previous one; None for stage 0."""
 
     @property
     def end(self) -> int:
         return self.start + self.tokens
-
-    def method_options(self) -> dict:
-        return {k: v for k, v in (self.grow or {}).items() if k not in GROW_RUN_KEYS}
 
 
 def parse_stages(recipe, budget_tokens: Optional[int]) -> list[Stage]:
@@ -115,10 +147,7 @@ def parse_stages(recipe, budget_tokens: Optional[int]) -> list[Stage]:
         if i > 0:
             if not isinstance(grow, dict):
                 raise ConfigError(f"{where}.grow: every stage after the first needs grow: {{method: ...}}")
-            grow = {"method": "ligo", "fit_steps": 0, "optimizer": "reset", "export_grown": False, **grow}
-            if grow["optimizer"] not in OPTIMIZER_CHOICES:
-                raise ConfigError(f"{where}.grow.optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, "
-                                  f"got {grow['optimizer']!r}")
+            grow = GrowConfig.from_mapping(grow, f"{where}.grow")
         train = _build(TrainConfig, {**train_base, **tr}, f"{where}.train")
         stages.append(Stage(i, spec, tok, start, train, grow))
         start += tok
@@ -137,13 +166,10 @@ def _check_growth(stages: list[Stage], recipe) -> None:
         where = f"stages[{cur.index}].grow"
         g = cur.grow
         small, large = prev.model.with_vocab(vocab), cur.model.with_vocab(vocab)
-        fit_steps = g["fit_steps"]
-        if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0:
-            raise ConfigError(f"{where}.fit_steps must be an integer >= 0, got {fit_steps!r}")
         try:
-            check_request(small, large, g["method"], fit_steps, **cur.method_options())
-            if g["optimizer"] == "transfer":
-                check_transfer(small, large, g["method"], cur.method_options())
+            check_request(small, large, g.method, g.fit_steps, **g.options)
+            if g.optimizer == "transfer":
+                check_transfer(small, large, g.method, g.options)
         except GrowthError as e:
             raise ConfigError(f"{where}: {e}") from None
         fit_tokens = fit_tokens_of(cur)
@@ -158,10 +184,13 @@ def _check_growth(stages: list[Stage], recipe) -> None:
 
 def fit_batch(stage: Stage) -> int:
     """Global blocks per LiGO fit step (all ranks together)."""
-    return int(stage.grow.get("fit_batch") or stage.train.global_batch)
+    return int(stage.grow.fit_batch or stage.train.global_batch)
 
 
 def fit_tokens_of(stage: Stage) -> int:
-    if not stage.grow or stage.grow["method"] != "ligo":
+    """Tokens the stage's growth fit consumes (0 for a method that does not learn)."""
+    from .growth import get_method
+
+    if not stage.grow:
         return 0
-    return stage.grow["fit_steps"] * fit_batch(stage) * stage.train.seq_len
+    return get_method(stage.grow.method).fit_tokens(stage.grow.fit_steps, fit_batch(stage), stage.train.seq_len)

@@ -144,7 +144,7 @@ class Trainer:
         from .config import ConfigError
         from .engine import checkpoint as ckpt
         from .engine.ds_config import fill_ds_config, read_ds_config, resolve_precision, zero_stage
-        from .engine.runtime import ModelHandle, build_engine, has_gpu, init_distributed
+        from .engine.runtime import build_engine, build_model, has_gpu, init_distributed
 
         self.recipe = recipe
         t = recipe.train
@@ -157,7 +157,7 @@ class Trainer:
         for st in self.stages:  # every stage's batch arithmetic and ds_config, before any work
             st.train.check_world(self.world)
             fill_ds_config(ds_raw, st.train, self.world, self.precision)
-            if st.grow and st.grow["optimizer"] == "transfer" and "optimizer" in ds_raw:
+            if st.grow and st.grow.optimizer == "transfer" and "optimizer" in ds_raw:
                 raise ConfigError(f"stages[{st.index}].grow.optimizer: transfer moves the moments of the torch "
                                   f"AdamW dsgrow builds; {ds_config_path} names its own optimizer "
                                   f"({ds_raw['optimizer'].get('type')})")
@@ -180,9 +180,9 @@ class Trainer:
         self._enter_stage(self.stages[rs.get("stage", 0)])
         if t.init_from is not None and self.resume_state is None:
             check_init_from(t.init_from, self.spec)
-        self.handle = ModelHandle(self.spec, self.ds_cfg, t.seed,
-                                  t.init_from if self.resume_state is None and self.stage.index == 0 else None)
-        self.engine = build_engine(self.handle.model, self.ds_cfg, self.t.lr, self.t.betas, self.t.eps,
+        model = build_model(self.spec, self.ds_cfg, t.seed,
+                            t.init_from if self.resume_state is None and self.stage.index == 0 else None)
+        self.engine = build_engine(model, self.ds_cfg, self.t.lr, self.t.betas, self.t.eps,
                                    self.t.weight_decay)
         self.device = self.engine.device
 
@@ -456,142 +456,64 @@ class Trainer:
         return train_loss
 
     def _grow(self, log: "MetricsLog", start: float) -> None:
-        """Grow the current model into the next stage's, in this process, under any ZeRO stage.
-
-        Phases (each timed, with its per-rank peak memory): gather the small fp32 weights, fit the
-        operator, build the large model and write each rank's slices one large layer at a time,
-        build the new engine."""
+        """Grow the current model into the next stage's through the public `grow_engine` (the same
+        path a user's own loop takes), fitting on this run's own sample stream."""
         from .engine import checkpoint as ckpt
-        from .engine.grow_io import all_reduce_mean_, write_weights
-        from .engine.optim_state import KEYS as MOMENT_KEYS
-        from .engine.optim_state import gather_moments, prime_adam_state, write_moments
-        from .engine.runtime import ModelHandle, all_gather_object, build_engine, destroy_engine, gather_fp32_state_dict
-        from .families import to_canonical
-        from .growth import LiGO, fit_ligo
-        from .growth.api import LIGO_OPTIONS
-        from .growth.moments import moment_streams
-        from .growth.stream import fixed_stream, ligo_stream
-        from .memory import file_mib, phase, rss_mib, trim
-        from .stages import fit_batch, fit_tokens_of
+        from .engine.ds_config import fill_ds_config
+        from .engine.grow import grow_engine
+        from .engine.optim_state import gather_moments
+        from .engine.runtime import build_engine
+        from .stages import fit_batch
 
         nxt = self.stages[self.stage.index + 1]
         g = nxt.grow
         small_spec, large_spec = self.spec, nxt.model.with_vocab(self.data.tokenizer.vocab_size)
-        ev: dict = {"event": "growth", "stage": nxt.index, "method": g["method"], "step": self.step,
+        ev: dict = {"event": "growth", "stage": nxt.index, "method": g.method, "step": self.step,
                     "tokens": self.tokens, "loss_before": self.last_val}
-        phases: dict = {}
-        dev = self.device
-        transfer = g["optimizer"] == "transfer"
-        if g.get("export_grown"):  # the small model, for checking the growth against a one-process build
+        if g.export_grown:  # the small model, for checking the growth against a one-process build
             self.export(self.out / "stages" / f"stage{self.stage.index}-final")
-        t0 = time.perf_counter()
-        # 1. The small model's fp32 master weights on every rank (the operator needs all of them),
-        #    one parameter gathered at a time; then the old engine is freed.
-        with phase(phases, "gather", dev):
-            sd = gather_fp32_state_dict(self.engine, all_ranks=True)
-            small = to_canonical(small_spec, sd)
-            ev["bytes_gathered"] = sum(v.numel() * v.element_size() for v in sd.values())
-            del sd
-            if transfer:  # Adam's moments too (3x the small model), one parameter at a time
-                moments = gather_moments(self.engine)
-                ev["bytes_gathered"] += sum(v.numel() * v.element_size() for k in MOMENT_KEYS
-                                            for v in moments[k].values())
-                if self.rank == 0 and g.get("export_grown"):
-                    self._export_moments(moments, f"stage{self.stage.index}-final")
-                small_moments = {k: to_canonical(small_spec, moments[k]) for k in MOMENT_KEYS}
-                adam_step = moments["step"]
-                del moments
-            destroy_engine(self.engine)
-            self.engine = self.handle = None
-            trim()
-            base = rss_mib()  # the process without any engine, the small weights included
-            base_file = file_mib()  # of which file-backed (library code), to tell code paged in later
-        # 2. The operator, on the engine's device, fitted data-parallel on the run's own stream.
-        opts = nxt.method_options()
-        fit_flops = 0.0
-        with phase(phases, "fit", dev):
-            if g["method"] == "ligo":
-                op = LiGO(small_spec, small, large_spec,
-                          **{k: v for k, v in opts.items() if k in LIGO_OPTIONS}).to(dev)
-                del small
-                if g["fit_steps"]:
-                    from .data import shard
+        per_step = fit_batch(nxt)
 
-                    per_step = fit_batch(nxt)
+        def fit_data(step: int) -> dict:  # data-parallel: each rank its share of the run's stream
+            from .data import shard
 
-                    def data(step: int) -> dict:
-                        position = self.stream.position
-                        mine = shard(self.stream.next_indices(per_step), self.rank, self.world)
-                        return self._batch(mine, position + self.rank * len(mine))
+            position = self.stream.position
+            mine = shard(self.stream.next_indices(per_step), self.rank, self.world)
+            return self._batch(mine, position + self.rank * len(mine))
 
-                    fopts = {k: v for k, v in opts.items() if k not in LIGO_OPTIONS}
-                    fopts.setdefault("batch_size", per_step // self.world)
-                    rep = fit_ligo(op, data, g["fit_steps"], seed=opts.get("seed", 0), grad_hook=all_reduce_mean_,
-                                   **fopts)
-                    fit_flops = rep.flops * self.world  # the operator's FLOPs are part of it
-                    ev.update(fit_loss_first=rep.losses[0], fit_loss_last=rep.losses[-1])
-                    if self.rank == 0 and g.get("export_grown"):
-                        from safetensors.torch import save_file
+        def on_event(name: str, value) -> None:
+            if name == "fitted":
+                ckpt._fault_point("growth_fitted", f"stage{nxt.index}")  # crash tests: killed mid-growth
+            elif g.export_grown and self.rank == 0 and name == "moments":
+                self._export_moments(value, f"stage{self.stage.index}-final")
+            elif g.export_grown and self.rank == 0 and name == "operator":
+                from safetensors.torch import save_file
 
-                        (self.out / "stages").mkdir(exist_ok=True)
-                        save_file({k: v.detach().cpu().contiguous() for k, v in op.state_dict().items()},
-                                  str(self.out / "stages" / f"stage{nxt.index}-ligo.safetensors"))
-                ev["operator_bytes"] = sum(p.numel() * p.element_size() for p in op.parameters())
-                grown = ligo_stream(op)  # the stream keeps the operator alive until the write is done
-                del op
-            else:
-                # Closed-form operators: one large layer at a time too (only the small layers it reads).
-                grown = fixed_stream(small_spec, small, large_spec, g["method"], **opts)
-                del small
-        ckpt._fault_point("growth_fitted", f"stage{nxt.index}")  # crash tests: killed mid-growth
-        fit_tokens = fit_tokens_of(nxt)
-        self.tokens += fit_tokens
-        self.flops += fit_flops
+                (self.out / "stages").mkdir(exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous() for k, v in value.state_dict().items()},
+                          str(self.out / "stages" / f"stage{nxt.index}-{g.method}.safetensors"))
+
+        new_ds_cfg = fill_ds_config(self.ds_raw, nxt.train, self.world, self.precision)
+        t = nxt.train
+        self.engine, report = grow_engine(
+            self.engine, large_spec, g.method, fit_steps=g.fit_steps, fit_data=fit_data, optimizer=g.optimizer,
+            build_engine=lambda model: build_engine(model, new_ds_cfg, t.lr, t.betas, t.eps, t.weight_decay),
+            ds_config=new_ds_cfg, seed=t.seed, on_event=on_event, **g.options)
+        self.tokens += report.fit_tokens
+        self.flops += report.fit_flops
         if self.bar is not None:
-            self.bar.update(fit_tokens)
-        # 3. The large model: built (under zero.Init for ZeRO-3), each rank's slices written one
-        #    large layer at a time, and only then a new engine, so the fp32 masters are the grown
-        #    weights.
+            self.bar.update(report.fit_tokens)
         self._enter_stage(nxt)
-        with phase(phases, "write", dev):
-            self.handle = ModelHandle(self.spec, self.ds_cfg, self.t.seed)
-            ev["elements_written"] = write_weights(self.handle.model, grown)
-            ev["largest_layer_bytes"] = grown.peak_layer_bytes
-            del grown
-        with phase(phases, "engine", dev):
-            self.engine = build_engine(self.handle.model, self.ds_cfg, self.t.lr, self.t.betas, self.t.eps,
-                                       self.t.weight_decay)
-        if transfer:
-            # 4. Adam's state: the small moments through the operator's gradient map, one large
-            #    layer at a time, with the step count carried (growth/moments.py).
-            with phase(phases, "optimizer", dev):
-                streams = moment_streams(small_spec, self.spec, g["method"], opts, small_moments["exp_avg"],
-                                         small_moments["exp_avg_sq"])
-                del small_moments
-                prime_adam_state(self.engine, adam_step)
-                ev["moments_written"] = sum(write_moments(self.engine, k, streams[k]) for k in MOMENT_KEYS)
-                ev["adam_step"] = adam_step
-                del streams
-            if g.get("export_grown"):
-                grown_moments = gather_moments(self.engine)
-                if self.rank == 0:
-                    self._export_moments(grown_moments, f"stage{nxt.index}-grown")
-                del grown_moments
+        if g.export_grown and g.optimizer == "transfer":
+            grown_moments = gather_moments(self.engine)
+            if self.rank == 0:
+                self._export_moments(grown_moments, f"stage{nxt.index}-grown")
+            del grown_moments
         self.stage_t0 = self.tokens
         self.growth_done = True
         self._reset_stage_state()
-        per_rank = all_gather_object({"phases": phases, "base": base, "base_file": base_file})
-        ev["host_base_mib"] = [r["base"] for r in per_rank]
-        if all(r["base_file"] is not None for r in per_rank):
-            ev["host_base_file_mib"] = [r["base_file"] for r in per_rank]
-        ev["memory_mib"] = {}
-        for name in phases:  # the slowest rank's time; every rank's memory
-            ev[f"{name}_s"] = max(r["phases"][name]["s"] for r in per_rank)
-            ev["memory_mib"][name] = {k: [r["phases"][name][f"{k}_mib"] for r in per_rank]
-                                      for k in ("host_start", "host_peak", "host_file_end", "gpu_peak")
-                                      if f"{k}_mib" in phases[name]}
-        ev.update(fit_tokens=fit_tokens, fit_flops=fit_flops, growth_s=time.perf_counter() - t0)
-        if g.get("export_grown"):
+        ev.update(report.to_event())
+        if g.export_grown:
             self.export(self.out / "stages" / f"stage{nxt.index}-grown")
         self.last_val = self.evaluate()
         ev["loss_after"] = self.last_val
@@ -599,7 +521,7 @@ class Trainer:
         log.log(ev, self.step)
         if self.rank == 0:
             self.say(f"grew {small_spec.layers}x{small_spec.hidden} -> {large_spec.layers}x{large_spec.hidden} "
-                     f"({g['method']}): val loss {ev['loss_before']:.4f} -> {ev['loss_after']:.4f}, "
+                     f"({g.method}): val loss {ev['loss_before']:.4f} -> {ev['loss_after']:.4f}, "
                      f"{ev['growth_s']:.1f} s")
 
     def _export_moments(self, moments: dict, name: str) -> None:
@@ -624,7 +546,458 @@ class Trainer:
 
     def export(self, dest: Path) -> Path:
         """The current fp32 weights as a Hugging Face folder (safetensors + tokenizer), written atomically."""
-        from .engine.runtime import barrier, gather_fp32_state_dict, hf_model_class
+        from .engine.export import export_hf
+
+        return export_hf(self.engine, dest, self.data.tokenizer)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_recipe(saved: dict, current: dict) -> None:
+    a, b = _flat(saved), _flat(current)
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES or key.startswith("model.vocab_size"):
+            continue
+        if a.get(key) != b.get(key):
+            raise ConfigError(f"--resume: recipe field {key} is {b.get(key)!r} but the checkpoint was trained with "
+                              f"{a.get(key)!r}")
+
+
+def check_init_from(path: str, spec: ModelSpec) -> None:
+    """train.init_from must hold exactly the recipe's model (vocabulary included)."""
+    import transformers as tf
+
+    theirs = ModelSpec.from_hf_config(tf.AutoConfig.from_pretrained(path, local_files_only=True))
+    ours = ModelSpec.from_hf_config(spec.to_hf_config())  # defaults (ffn, eps, tying) made explicit
+    if theirs != ours:
+        diff = {k: (v, ours.to_dict()[k]) for k, v in theirs.to_dict().items() if ours.to_dict().get(k) != v}
+        raise ConfigError(f"train.init_from: {path} holds another model than the recipe's "
+                          f"(field: theirs, recipe's) {diff}")
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, ds_config_path: str, resume: bool = False):
+        from .config import ConfigError
+        from .engine import checkpoint as ckpt
+        from .engine.ds_config import fill_ds_config, read_ds_config, resolve_precision, zero_stage
+        from .engine.runtime import build_engine, build_model, has_gpu, init_distributed
+
+        self.recipe = recipe
+        t = recipe.train
+        ds_raw = read_ds_config(ds_config_path)
+        zero_stage(ds_raw)
+        self.rank, self.world, _ = init_distributed()
+        self.precision = resolve_precision(t.precision, has_gpu())
+        self.ds_raw = ds_raw
+        self.stages = recipe.stage_plan()
+        for st in self.stages:  # every stage's batch arithmetic and ds_config, before any work
+            st.train.check_world(self.world)
+            fill_ds_config(ds_raw, st.train, self.world, self.precision)
+            if st.grow and st.grow.optimizer == "transfer" and "optimizer" in ds_raw:
+                raise ConfigError(f"stages[{st.index}].grow.optimizer: transfer moves the moments of the torch "
+                                  f"AdamW dsgrow builds; {ds_config_path} names its own optimizer "
+                                  f"({ds_raw['optimizer'].get('type')})")
+        self.out = Path(recipe.out)
+        self.ckroot = self.out / "checkpoints"
+        tag = ckpt.resolve_resume(self.ckroot, resume)
+        self.resume_state = None
+        if tag is not None:
+            self.resume_state = ckpt.verify(self.ckroot, tag, self.world)
+            check_resume_recipe(self.resume_state["recipe"], recipe.to_dict())
+            self.resume_tag = tag
+
+        self.data = prepare_data(recipe, self.rank)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        rs = self.resume_state or {}
+        self._enter_stage(self.stages[rs.get("stage", 0)])
+        if t.init_from is not None and self.resume_state is None:
+            check_init_from(t.init_from, self.spec)
+        model = build_model(self.spec, self.ds_cfg, t.seed,
+                            t.init_from if self.resume_state is None and self.stage.index == 0 else None)
+        self.engine = build_engine(model, self.ds_cfg, self.t.lr, self.t.betas, self.t.eps,
+                                   self.t.weight_decay)
+        self.device = self.engine.device
+
+        from .data import SampleStream
+
+        self.stream = SampleStream(len(self.data.train), t.seed)
+        self.tokens = 0
+        self.flops = 0.0
+        self.step = 0
+        self.stage_t0 = 0  # global tokens at which this stage's training (after any fit) began
+        self.wall_before = 0.0  # wall time of earlier (pre-resume) segments
+        self.last_val: Optional[float] = None
+        self.growth_events: list[dict] = []
+        self.growth_done = False  # a growth ran in this process
+        self._reset_stage_state()
+        if self.resume_state is not None:
+            ckpt.load(self.engine, self.ckroot, self.resume_tag)
+            st = self.resume_state
+            self.stream.load_state_dict(st["stream"])
+            self.tokens, self.step, self.wall_before = st["tokens"], st["step"], st["wall_time"]
+            self.flops = st.get("flops", self.tokens * self.flops_per_token)
+            self.stage_t0 = st.get("stage_t0", 0)
+            self.growth_events = st.get("growth_events", [])
+            self.last_val = st.get("val_loss")
+            self.batch = st.get("batch", self.batch)
+            if self.noise is not None and st.get("noise_scale"):
+                self.noise.load_state_dict(st["noise_scale"])
+
+    def _enter_stage(self, stage) -> None:
+        """Make `stage` current: its model spec, train config and filled ds_config."""
+        from .engine.ds_config import fill_ds_config, zero_stage
+
+        self.stage = stage
+        self.t = stage.train
+        self.spec: ModelSpec = stage.model.with_vocab(self.data.tokenizer.vocab_size)
+        self.ds_cfg = fill_ds_config(self.ds_raw, self.t, self.world, self.precision)
+        self.zero_stage = zero_stage(self.ds_cfg)
+        self.flops_per_token = flops_per_token(self.spec, self.t.seq_len)
+
+    def _reset_stage_state(self) -> None:
+        """Schedules and meters that belong to one stage's engine."""
+        t = self.t
+        self.schedule = t.batch_plan()
+        self.adaptive = t.adaptive_plan() if t.adaptive_batch is not None else None
+        self.batch = self.adaptive.min_batch if self.adaptive else self.schedule.batch_at(0)
+        self.noise = NoiseScaleEstimator(t.noise_scale_beta) if t.noise_scale else None
+        self.grad_probe = MicroBatchGradNorm(self.engine.module) if t.noise_scale else None
+        self.last_noise: dict = {}
+
+    @property
+    def stage_tokens(self) -> int:
+        """Tokens trained in the current stage (the schedules' clock)."""
+        return self.tokens - self.stage_t0
+
+    # -- schedules: pure functions of tokens seen (plus the adaptive batch, which is state) ------
+    def batch_for_next_step(self) -> int:
+        return self.batch if self.adaptive else self.schedule.batch_at(self.stage_tokens)
+
+    def lr_for_step(self, batch: int) -> float:
+        """LR of the step that starts at self.tokens, evaluated at its end (no zero-LR first step)."""
+        from .schedules.batch import lr_factor_at, scale_lr
+
+        t = self.t
+        end = self.stage_tokens + batch * t.seq_len
+        if t.lr_schedule == "cosine":
+            base = warmup_cosine(end, t.tokens, t.lr, t.warmup_tokens, t.min_lr_ratio)
+        else:
+            base = t.lr * min(1.0, end / t.warmup_tokens) if t.warmup_tokens else t.lr
+        if self.adaptive:
+            return base * scale_lr(1.0, t.global_batch, batch, t.lr_scaling)
+        return base * lr_factor_at(self.schedule, self.stage_tokens, t.global_batch, t.lr_scaling)
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def _batch(self, idx: torch.Tensor, position: int):
+        from .data import mlm_mask
+
+        x = self.data.train[idx]
+        if self.spec.family == "bert":
+            inputs, labels = mlm_mask(x, self.data.tokenizer, self.recipe.data.mlm_probability,
+                                      seed=self.t.seed, position=position)
+            return {"input_ids": inputs.to(self.device), "labels": labels.to(self.device)}
+        x = x.to(self.device)
+        return {"input_ids": x, "labels": x}
+
+    def train_step(self, batch: int, measure_noise: bool = False) -> torch.Tensor:
+        """One optimizer step over exactly `batch` samples (all ranks, all micro-batches).
+
+        The accumulation boundary is set explicitly on every micro-step: DeepSpeed otherwise
+        derives it from a global micro-step counter, and a batch change whose new accumulation
+        count does not divide that counter would make a short first step with the wrong loss
+        scale (deepspeed-facts.md). `set_train_batch_size` updates the count that backward
+        divides the loss by.
+        """
+        from .data import shard
+        from .engine.runtime import set_train_batch_size
+
+        t = self.t
+        set_train_batch_size(self.engine, batch)
+        position = self.stream.position
+        mine = shard(self.stream.next_indices(batch), self.rank, self.world)
+        gas = len(mine) // t.micro_batch
+        total = torch.zeros((), device=self.device)
+        small_sq = 0.0
+        if measure_noise:
+            self.grad_probe.start()
+        for k in range(gas):
+            # The global sample position of this micro-batch's first sample seeds its MLM mask.
+            first = position + self.rank * len(mine) + k * t.micro_batch
+            micro = self._batch(mine[k * t.micro_batch:(k + 1) * t.micro_batch], first)
+            self.engine.set_gradient_accumulation_boundary(k == gas - 1)
+            loss = self.engine(**micro).loss
+            self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+            if measure_noise:
+                small_sq += self.grad_probe.take()
+            self.engine.step()          # applies the optimizer on the boundary only
+            total += loss.detach().float()
+        if measure_noise:
+            self.grad_probe.stop()
+            self._update_noise(small_sq / gas, gas, batch)
+        return total / gas
+
+    def _update_noise(self, small_sq_scaled: float, gas: int, batch: int) -> None:
+        from .engine.grad_stats import global_grad_norm, loss_scale
+        from .engine.runtime import all_mean
+
+        t = self.t
+        # The hook saw gradients of loss * scale / gas; undo both to get the micro-batch gradient.
+        small_sq = all_mean(small_sq_scaled) * (gas / loss_scale(self.engine)) ** 2
+        big = global_grad_norm(self.engine)
+        if big is None or batch <= t.micro_batch:
+            return  # one micro-batch per step on one rank: the two batch sizes coincide
+        b_simple = self.noise.update(small_sq, big ** 2, t.micro_batch, batch)
+        self.last_noise = {"grad_sq_small": small_sq, "grad_sq_big": big ** 2,
+                           "noise_scale_b_simple": b_simple if b_simple is not None else float("nan")}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from .data import mlm_mask, shard
+
+        t = self.t
+        self.engine.eval()
+        idx = shard(torch.arange(t.eval_samples), self.rank, self.world)
+        losses = []
+        for k in range(0, len(idx), t.micro_batch):
+            x = self.data.val[idx[k:k + t.micro_batch]]
+            if self.spec.family == "bert":
+                # A fixed mask per sample keeps evaluations comparable across time and runs.
+                inputs, labels = mlm_mask(x, self.data.tokenizer, self.recipe.data.mlm_probability,
+                                          seed=t.seed + 1, position=int(idx[k]))
+                out = self.engine(input_ids=inputs.to(self.device), labels=labels.to(self.device))
+            else:
+                x = x.to(self.device)
+                out = self.engine(input_ids=x, labels=x)
+            losses.append(float(out.loss.float()) * len(x))  # weighted: the last chunk may be short
+        self.engine.train()
+        from .engine.runtime import all_mean
+
+        return all_mean(sum(losses) / len(idx))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from .engine.runtime import local_param_fraction
+
+        log = MetricsLog(self.out, self.rank == 0)
+        bar = None
+        total = self.recipe.train.tokens
+        if self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
+                       disable=None)
+        self.say = bar.write if bar is not None else print
+        self.bar = bar
+        start = time.perf_counter()
+        tokens_at_start = self.tokens
+        train_loss = float("nan")
+        while True:
+            train_loss = self._train_stage(log, start)
+            if self.stage.index == len(self.stages) - 1:
+                break
+            self._grow(log, start)
+        if bar is not None:
+            bar.close()
+        wall = self.wall_before + (time.perf_counter() - start)
+        summary = {
+            "name": self.recipe.name, "family": self.spec.family, "params": self.spec.n_params(True),
+            "train_loss": train_loss, "val_loss": self.last_val, "tokens": self.tokens,
+            "tokens_budget": total, "flops": self.flops, "steps": self.step,
+            "tokens_per_s": (self.tokens - tokens_at_start) / max(time.perf_counter() - start, 1e-9),
+            "wall_time_s": wall, "world_size": self.world, "zero_stage": self.zero_stage,
+            "precision": self.precision, "local_param_fraction": local_param_fraction(self.engine.module),
+            "stages": len(self.stages), "growth_events": self.growth_events,
+        }
+        if self.recipe.budget is not None:
+            b = self.recipe.budget
+            summary["budget"] = dict(b)
+            summary["budget_used"] = (summary["flops"] / float(b["flops"]) if b.get("flops") is not None
+                                      else self.tokens / total)
+        if self.noise is not None and self.noise.b_simple is not None:
+            summary["noise_scale_b_simple"] = self.noise.b_simple
+        if self.recipe.export_hf:
+            summary["exported_to"] = str(self.export(self.out / "final_model"))
+        if self.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.say(format_summary(summary))
+        log.close()
+        return summary
+
+    def _train_stage(self, log: "MetricsLog", start: float) -> float:
+        """Train the current stage to its last step that fits; returns the last logged train loss."""
+        from .engine.runtime import all_mean, set_lr
+
+        t, say, bar = self.t, self.say, self.bar
+        if self.rank == 0:
+            say(f"dsgrow {__version__}: stage {self.stage.index + 1}/{len(self.stages)}: {self.spec.family} "
+                f"{self.spec.layers}x{self.spec.hidden} ({self.spec.n_params(True) / 1e6:.2f}M params), "
+                f"vocab {self.spec.vocab_size}, ZeRO-{self.zero_stage}, {self.world} rank(s), {self.precision}, "
+                f"{t.tokens:,} tokens, batch {self.schedule!r}"
+                + (f", resumed at step {self.step}" if self.resume_state is not None and not self.growth_done else ""))
+        if self.step == 0:
+            self.last_val = self.evaluate()
+            log.log({"step": self.step, "tokens": self.tokens, "val_loss": self.last_val}, self.step)
+        window_loss = torch.zeros((), device=self.device)
+        window_steps, window_t0, window_tok0 = 0, time.perf_counter(), self.tokens
+        train_loss = float("nan")
+        while True:
+            batch = self.batch_for_next_step()
+            step_tokens = batch * t.seq_len
+            if self.stage_tokens + step_tokens > t.tokens:
+                break  # the budget is never overrun: the stage ends at the last step that fits
+            lr = self.lr_for_step(batch)
+            set_lr(self.engine, lr)
+            measure = self.noise is not None and (self.step + 1) % t.noise_scale_every == 0
+            loss = self.train_step(batch, measure_noise=measure)
+            prev = self.stage_tokens
+            self.tokens += step_tokens
+            self.flops += step_tokens * self.flops_per_token
+            self.step += 1
+            window_loss += loss  # stays on the device: no host sync until the next log line
+            window_steps += 1
+            if bar is not None:
+                bar.update(step_tokens)
+            if self.adaptive and self.step % int(t.adaptive_batch.get("every", 10)) == 0:
+                self.batch = self.adaptive.propose(self.noise.b_simple, self.batch)
+            last = self.stage_tokens + self.batch_for_next_step() * t.seq_len > t.tokens
+            if self.step % t.log_every == 0 or last:
+                # Only the logged step's loss is synchronised: a per-step all-reduce costs speed.
+                train_loss = all_mean(float(window_loss) / window_steps)
+                now = time.perf_counter()
+                rec = {"step": self.step, "tokens": self.tokens, "loss": train_loss, "lr": lr,
+                       "flops": self.flops, "batch_size": batch, "stage": self.stage.index,
+                       "tokens_per_s": (self.tokens - window_tok0) / max(now - window_t0, 1e-9),
+                       **self.last_noise}
+                log.log(rec, self.step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", bs=batch)
+                window_loss = torch.zeros((), device=self.device)
+                window_steps, window_t0, window_tok0 = 0, now, self.tokens
+            if (t.eval_every and self.stage_tokens // t.eval_every > prev // t.eval_every) or last:
+                self.last_val = self.evaluate()
+                log.log({"step": self.step, "tokens": self.tokens, "val_loss": self.last_val}, self.step)
+                if self.rank == 0:
+                    say(f"step {self.step}  tokens {self.tokens:,}/{self.recipe.train.tokens:,}  "
+                        f"train loss {train_loss:.4f}  val loss {self.last_val:.4f}")
+            if (t.checkpoint_every and self.stage_tokens // t.checkpoint_every > prev // t.checkpoint_every) or last:
+                final_of_stage = last and self.stage.index < len(self.stages) - 1
+                # A stage's final checkpoint is kept for good (tag stageN-end): growth starts from it.
+                self.save(time.perf_counter() - start, tag=f"stage{self.stage.index}-end" if final_of_stage else None)
+            if last:
+                break
+        return train_loss
+
+    def _grow(self, log: "MetricsLog", start: float) -> None:
+        """Grow the current model into the next stage's through the public `grow_engine` (the same
+        path a user's own loop takes), fitting on this run's own sample stream."""
+        from .engine import checkpoint as ckpt
+        from .engine.ds_config import fill_ds_config
+        from .engine.grow import grow_engine
+        from .engine.optim_state import gather_moments
+        from .engine.runtime import build_engine
+        from .stages import fit_batch
+
+        nxt = self.stages[self.stage.index + 1]
+        g = nxt.grow
+        small_spec, large_spec = self.spec, nxt.model.with_vocab(self.data.tokenizer.vocab_size)
+        ev: dict = {"event": "growth", "stage": nxt.index, "method": g.method, "step": self.step,
+                    "tokens": self.tokens, "loss_before": self.last_val}
+        if g.export_grown:  # the small model, for checking the growth against a one-process build
+            self.export(self.out / "stages" / f"stage{self.stage.index}-final")
+        per_step = fit_batch(nxt)
+
+        def fit_data(step: int) -> dict:  # data-parallel: each rank its share of the run's stream
+            from .data import shard
+
+            position = self.stream.position
+            mine = shard(self.stream.next_indices(per_step), self.rank, self.world)
+            return self._batch(mine, position + self.rank * len(mine))
+
+        def on_event(name: str, value) -> None:
+            if name == "fitted":
+                ckpt._fault_point("growth_fitted", f"stage{nxt.index}")  # crash tests: killed mid-growth
+            elif g.export_grown and self.rank == 0 and name == "moments":
+                self._export_moments(value, f"stage{self.stage.index}-final")
+            elif g.export_grown and self.rank == 0 and name == "operator":
+                from safetensors.torch import save_file
+
+                (self.out / "stages").mkdir(exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous() for k, v in value.state_dict().items()},
+                          str(self.out / "stages" / f"stage{nxt.index}-{g.method}.safetensors"))
+
+        new_ds_cfg = fill_ds_config(self.ds_raw, nxt.train, self.world, self.precision)
+        t = nxt.train
+        self.engine, report = grow_engine(
+            self.engine, large_spec, g.method, fit_steps=g.fit_steps, fit_data=fit_data, optimizer=g.optimizer,
+            build_engine=lambda model: build_engine(model, new_ds_cfg, t.lr, t.betas, t.eps, t.weight_decay),
+            ds_config=new_ds_cfg, seed=t.seed, on_event=on_event, **g.options)
+        self.tokens += report.fit_tokens
+        self.flops += report.fit_flops
+        if self.bar is not None:
+            self.bar.update(report.fit_tokens)
+        self._enter_stage(nxt)
+        if g.export_grown and g.optimizer == "transfer":
+            grown_moments = gather_moments(self.engine)
+            if self.rank == 0:
+                self._export_moments(grown_moments, f"stage{nxt.index}-grown")
+            del grown_moments
+        self.stage_t0 = self.tokens
+        self.growth_done = True
+        self._reset_stage_state()
+        ev.update(report.to_event())
+        if g.export_grown:
+            self.export(self.out / "stages" / f"stage{nxt.index}-grown")
+        self.last_val = self.evaluate()
+        ev["loss_after"] = self.last_val
+        self.growth_events.append(ev)
+        log.log(ev, self.step)
+        if self.rank == 0:
+            self.say(f"grew {small_spec.layers}x{small_spec.hidden} -> {large_spec.layers}x{large_spec.hidden} "
+                     f"({g.method}): val loss {ev['loss_before']:.4f} -> {ev['loss_after']:.4f}, "
+                     f"{ev['growth_s']:.1f} s")
+
+    def _export_moments(self, moments: dict, name: str) -> None:
+        """stages/<name>-adam.safetensors: exp_avg.<param>, exp_avg_sq.<param> (HF names) and the
+        Adam step in the metadata; written with export_grown, for checking a transfer."""
+        from safetensors.torch import save_file
+
+        (self.out / "stages").mkdir(parents=True, exist_ok=True)
+        flat = {f"{k}.{n}": t.contiguous() for k in ("exp_avg", "exp_avg_sq") for n, t in moments[k].items()}
+        save_file(flat, str(self.out / "stages" / f"{name}-adam.safetensors"), metadata={"step": str(moments["step"])})
+
+    def save(self, elapsed: float, tag: Optional[str] = None) -> None:
+        from .engine import checkpoint as ckpt
+
+        state = {"tokens": self.tokens, "step": self.step, "stream": self.stream.state_dict(), "batch": self.batch,
+                 "noise_scale": self.noise.state_dict() if self.noise is not None else None,
+                 "wall_time": self.wall_before + elapsed, "val_loss": self.last_val,
+                 "world_size": self.world, "zero_stage": self.zero_stage, "recipe": self.recipe.to_dict(),
+                 "spec": self.spec.to_dict(), "dsgrow_version": __version__, "stage": self.stage.index,
+                 "stage_t0": self.stage_t0, "flops": self.flops, "growth_events": self.growth_events}
+        ckpt.save(self.engine, self.ckroot, tag or f"step{self.step}", state, self.recipe.train.keep_checkpoints)
+
+    def export(self, dest: Path) -> Path:
+        """The current fp32 weights as a Hugging Face folder (safetensors + tokenizer), written atomically."""
+        from .engine.runtime import barrier, gather_fp32_state_dict
+        from .families import hf_model_class
 
         sd = gather_fp32_state_dict(self.engine)
         if self.rank == 0:

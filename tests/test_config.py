@@ -25,10 +25,10 @@ def test_default_recipe_is_a_two_stage_growth_run():
     r = load_recipe(None)
     s0, s1 = r.stage_plan()
     assert (s0.model.layers, s0.model.hidden, s1.model.layers, s1.model.hidden, s1.model.heads) == (4, 128, 8, 192, 6)
-    assert s1.grow["method"] == "ligo" and s1.grow["fit_steps"] > 0
+    assert s1.grow.method == "ligo" and s1.grow.fit_steps > 0
     assert s0.tokens + s1.tokens == r.train.tokens == 1_000_000
     # The fit's tokens come out of stage 2's budget; each stage warms up over 5% of its own tokens.
-    assert s1.train.tokens == s1.tokens - s1.grow["fit_steps"] * s1.grow["fit_batch"] * r.train.seq_len
+    assert s1.train.tokens == s1.tokens - s1.grow.fit_steps * s1.grow.fit_batch * r.train.seq_len
     assert s1.train.warmup_tokens == int(0.05 * s1.train.tokens) and s1.train.lr == pytest.approx(1.5e-3)
 
 

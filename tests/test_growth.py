@@ -19,7 +19,7 @@ from dsgrow.families import (ModelSpec, build_hf_model, canonical_keys, load_hf_
                              to_canonical)
 from dsgrow.growth import (CARDS, ALL_METHODS, GrowthError, LiGO, grow, grow_canonical, heldout_loss,
                            resolve_target)
-from dsgrow.growth import api as growth_api
+from dsgrow.growth import REGISTRY
 from dsgrow.growth.cli import add_parser, main as cli_main
 from dsgrow.growth.fit import LargeRunner, batches
 from test_families import random_model  # every parameter random, biases and norms too
@@ -340,9 +340,9 @@ def test_bad_requests_fail_fast_with_one_line(smalls, monkeypatch, name, target,
     def no_work(*a, **k):
         raise AssertionError("growth started before the request was checked")
 
-    monkeypatch.setattr(growth_api, "LiGO", no_work)
-    monkeypatch.setattr(growth_api, "METHODS", {k: dataclasses.replace(m, fn=no_work)
-                                                for k, m in growth_api.METHODS.items()})
+    for name, m in list(REGISTRY.items()):  # every builder of every method fails if reached
+        monkeypatch.setitem(REGISTRY, name, dataclasses.replace(m, build=no_work, layerwise=no_work,
+                                                                streamer=no_work, make_operator=no_work))
     with pytest.raises(GrowthError, match=match) as e:
         grow_canonical(small, c, target, method, **opts)
     assert "\n" not in str(e.value)

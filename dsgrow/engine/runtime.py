@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..families.hf_io import hf_model_class
 from ..families.spec import ModelSpec
 
 # DeepSpeed's gloo path uses all_gather_into_tensor, which torch 2.13 marks deprecated once per
@@ -92,45 +93,47 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def hf_model_class(spec: ModelSpec):
-    import transformers as tf
-
-    return tf.AutoModelForMaskedLM if spec.family == "bert" else tf.AutoModelForCausalLM
-
-
-class ModelHandle:
-    """An HF model built for a DeepSpeed config; keeps HfDeepSpeedConfig alive while needed.
+def build_model(spec: ModelSpec, ds_cfg: dict, seed: int, init_from: Optional[str] = None, hf_config=None,
+                model_class=None) -> torch.nn.Module:
+    """The HF model of `spec` (or of `hf_config`, as `model_class`) built for a DeepSpeed config.
 
     Under ZeRO-3 the model is built inside zero.Init via transformers' integration: a bare
     `zero.Init()` around a transformers 5 constructor initialises shards wrongly (embedding std
     1.0, initial loss ~8x ln(vocab); see deepspeed-facts.md), the integration initialises each
-    module before partitioning it.
+    module before partitioning it. The init draws from its own RNG stream (`seed`): the caller's
+    RNG state is left as it was, so a user's loop is not perturbed by a growth.
     """
+    from transformers.integrations import deepspeed as hf_ds
 
-    def __init__(self, spec: ModelSpec, ds_cfg: dict, seed: int, init_from: Optional[str] = None):
-        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+    zero3 = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3
+    cfg = hf_config if hf_config is not None else spec.to_hf_config()
 
-        self.spec = spec
-        self.zero3 = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3
-        torch.manual_seed(seed)  # every rank builds the same initial weights
-        cls = hf_model_class(spec)
-
-        def build():
-            if init_from is None:
-                return cls.from_config(spec.to_hf_config())
+    def build():
+        if init_from is not None:
             # Under ZeRO-3, transformers loads each rank's slices straight into the partitions.
-            return cls.from_pretrained(init_from, local_files_only=True, dtype=torch.float32)
+            return hf_model_class(spec).from_pretrained(init_from, local_files_only=True, dtype=torch.float32)
+        if model_class is not None:
+            return model_class._from_config(cfg, dtype=torch.float32)
+        return hf_model_class(spec).from_config(cfg)
 
-        if not self.zero3:
-            self.model = build()
-            return
-        hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (transformers holds only a weak reference)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    # A config a caller keeps alive (the HF Trainer's TrainingArguments) is put back afterwards.
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    live = ref() if ref is not None else None
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)  # every rank builds the same initial weights
+        hf_cfg = hf_ds.HfDeepSpeedConfig(ds_cfg) if zero3 else None  # transformers holds a weak reference
+        if not zero3:
+            hf_ds.unset_hf_deepspeed_config()
         try:
-            self.model = build()
+            return build()
         finally:
             # Left set, every later `from_config` in this process (the rank-0 export, a plain
             # CPU copy) would also enter zero.Init, a collective the other ranks never join.
-            unset_hf_deepspeed_config()
+            del hf_cfg
+            hf_ds.unset_hf_deepspeed_config()
+            if live is not None:
+                hf_ds.set_hf_deepspeed_config(live)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

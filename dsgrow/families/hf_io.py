@@ -21,7 +21,7 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
                    "merges.txt", "*.model", "chat_template.*")
 
 
-def _auto_class(spec: ModelSpec):
+def hf_model_class(spec: ModelSpec):
     import transformers as tf
 
     return tf.AutoModelForMaskedLM if spec.family == "bert" else tf.AutoModelForCausalLM
@@ -36,7 +36,7 @@ def build_hf_model(spec: ModelSpec, seed: Optional[int] = None) -> torch.nn.Modu
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        model = _auto_class(spec).from_config(cfg, dtype=torch.float32)
+        model = hf_model_class(spec).from_config(cfg, dtype=torch.float32)
     return model.float().eval()
 
 

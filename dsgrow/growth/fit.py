@@ -316,11 +316,12 @@ def operator_flops(op: LiGO) -> float:
 def fit_ligo(op: LiGO, data, steps: int, lr: float = 2e-4, weight_decay: float = 0.1, batch_size: int = 8,
              memory: str = "layerwise", mlm_fn: Optional[Callable] = None, mask_token_id: Optional[int] = None,
              mlm_prob: float = 0.15, log_every: int = 0, grad_clip: float = 1.0, seed: int = 0,
-             grad_hook: Optional[Callable[[list], None]] = None) -> FitReport:
+             grad_hook: Optional[Callable[[list], None]] = None, device: Optional[torch.device] = None) -> FitReport:
     """Train the operator's maps for `steps` AdamW steps on the LM loss of the large model.
 
     `grad_hook(grads)` runs after each backward, before clipping: data-parallel callers average
-    the operator's gradients over ranks there (torch.distributed; nothing here knows of ranks)."""
+    the operator's gradients over ranks there (torch.distributed; nothing here knows of ranks).
+    `device`: where the batches go (the operator's device; a user's batches may sit on the CPU)."""
     from ..schedules.flops import flops_per_token
 
     check_fit_options(op.small, lr, weight_decay, batch_size, memory, mlm_prob, log_every, grad_clip, mask_token_id)
@@ -336,6 +337,8 @@ def fit_ligo(op: LiGO, data, steps: int, lr: float = 2e-4, weight_decay: float =
     t0 = time.perf_counter()
     for step in range(steps):
         batch = next(stream)
+        if device is not None:
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         seq_len = batch["input_ids"].shape[1]
 
         def one_step():

@@ -33,14 +33,18 @@ from .depth import identity_plan
 from .net2net import fpi_maps
 from .ops import GrowthError, split_layers, widen_global, widen_layer
 
-TRANSFER_METHODS = ("fpi", "hyperclone")
+def transfer_methods() -> tuple:
+    """The registered methods whose moments have an exact image (registry `transfer`)."""
+    from .registry import REGISTRY
+
+    return tuple(n for n, m in REGISTRY.items() if m.transfer)
 
 
 def check_transfer(small: ModelSpec, large: ModelSpec, method: str, opts: dict) -> None:
     """One-line GrowthError unless the moments of this growth have an exact image."""
-    if method not in TRANSFER_METHODS:
+    if method not in transfer_methods():
         raise GrowthError(f"optimizer: transfer needs a function-preserving copy operator "
-                          f"({', '.join(TRANSFER_METHODS)}); {method} does not preserve the function, "
+                          f"({', '.join(transfer_methods())}); {method} does not preserve the function, "
                           "so its gradients have no image of the small ones: use optimizer: reset")
     if opts.get("depth", "identity") != "identity":
         raise GrowthError(f"optimizer: transfer needs depth: identity (new layers that start as the "
@@ -129,4 +133,4 @@ def transfer_moments(small: ModelSpec, large: ModelSpec, method: str, opts: Opti
     return out
 
 
-__all__ = ["TRANSFER_METHODS", "check_transfer", "MomentMap", "moment_streams", "transfer_moments"]
+__all__ = ["transfer_methods", "check_transfer", "MomentMap", "moment_streams", "transfer_moments"]

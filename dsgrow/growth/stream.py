@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from ..families import ModelSpec
-from ..families.hf_io import _auto_class
+from ..families.hf_io import hf_model_class
 from .fit import _layer_list, one_block_hf
 from .ops import GrowthError
 
@@ -23,7 +23,7 @@ def _hf_block_names(spec: ModelSpec) -> str:
     """The dotted name of the HF model's list of blocks ("transformer.h", "model.layers", ...),
     read off a model built on the meta device (no memory)."""
     with torch.device("meta"):
-        model = _auto_class(spec).from_config(spec.to_hf_config())
+        model = hf_model_class(spec).from_config(spec.to_hf_config())
     name, _ = _layer_list(model, spec.layers)
     return name
 
@@ -104,17 +104,14 @@ def canonical_stream(spec: ModelSpec, large: dict) -> LayerStream:
     return LayerStream(spec, glob, make)
 
 
-def fixed_stream(spec_small: ModelSpec, small: dict, spec_large: ModelSpec, method: str, **opts) -> LayerStream:
-    """A closed-form method's large model one layer at a time where the method can make it so
-    (depth.FixedGrowth); otherwise (hyperclone's noise, random init) the whole dict, served the
-    same way. The request is checked first, as grow_canonical checks it."""
-    from .api import METHODS, check_request
-
-    check_request(spec_small, spec_large, method, **opts)
-    make = METHODS[method].growth
-    fixed = make(spec_small, small, spec_large, **opts) if make is not None else None
-    if fixed is None:
-        from .api import grow_canonical
-
-        return canonical_stream(spec_large, grow_canonical(spec_small, small, spec_large, method, **opts))
+def fixed_layer_stream(spec_large: ModelSpec, fixed) -> LayerStream:
+    """A closed-form method's large model (depth.FixedGrowth) one large layer at a time."""
     return LayerStream(spec_large, fixed.glob, lambda i: _contiguous(fixed.layer(i)))
+
+
+def fixed_stream(spec_small: ModelSpec, small: dict, spec_large: ModelSpec, method: str, **opts) -> LayerStream:
+    """Any registered method's large model, one layer at a time where the method can make it so
+    (LiGO unfitted); the request is checked first."""
+    from .registry import check_request
+
+    return check_request(spec_small, spec_large, method, **opts).stream(spec_small, small, spec_large, opts).stream
