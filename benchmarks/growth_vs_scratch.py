@@ -157,7 +157,7 @@ def grow_small(cfg: dict, small_dir: Path, method: str, opts: dict, dest: Path, 
     import torch
     import transformers as tf
 
-    from dsgrow.config import load_recipe
+    from dsgrow.recipe import load_recipe
     from dsgrow.growth import grow
     from dsgrow.train import prepare_data
 
@@ -202,7 +202,8 @@ def split_entry(cfg: dict, label: str) -> tuple[dict, list, dict]:
 def validate(cfg: dict, methods: list[str], work: Path) -> None:
     """Every run's recipe and every growth request, checked before anything trains (SystemExit,
     one line)."""
-    from dsgrow.config import ConfigError, load_recipe
+    from dsgrow.config import ConfigError
+    from dsgrow.recipe import load_recipe
     from dsgrow.growth import GrowthError, check_request
 
     runner = Runner(cfg, work, "", {})

@@ -69,7 +69,7 @@ def plain_loop(recipe, data, ds_cfg, steps: int, window: int) -> list[float]:
 
 
 def dsgrow_loop(recipe_path, overrides, ds_config, steps: int, window: int) -> list[float]:
-    from dsgrow.config import load_recipe
+    from dsgrow.recipe import load_recipe
     from dsgrow.train import Trainer
 
     with tempfile.TemporaryDirectory() as out:
@@ -101,7 +101,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-    from dsgrow.config import load_recipe
+    from dsgrow.recipe import load_recipe
     from dsgrow.engine.ds_config import fill_ds_config, read_ds_config, resolve_precision
     from dsgrow.engine.runtime import has_gpu, init_distributed
     from dsgrow.train import prepare_data

@@ -96,43 +96,14 @@ class _OneLineParser(argparse.ArgumentParser):
         raise LauncherArgsError(f"launcher arguments: {message}")
 
 
-def _pretrain_parser() -> argparse.ArgumentParser:
-    """The options of launchers/pretrain.py (dsgrow/train.py main) that decide what is trained."""
-    p = _OneLineParser(prog="pretrain", add_help=False)
-    p.add_argument("--ds_config", "--ds-config", dest="ds_config", default=None)
-    p.add_argument("--recipe", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None)
-    return p
-
-
 def check_run(pretrain_args: Sequence[str], world: int, gpu: bool = False):
-    """Load the recipe as launchers/pretrain.py would and check it at `world` ranks; returns it.
+    """Load the recipe as launchers/pretrain.py would and run the trainer's own preflight at
+    `world` ranks; returns the recipe. Raises ConfigError (a ValueError) with a one-line message."""
+    from .launch import load_run_recipe, preflight, pretrain_parser
 
-    Raises ConfigError (a ValueError) with a one-line message on bad input.
-    """
-    from .config import ConfigError, load_recipe
-    from .engine.ds_config import fill_ds_config, read_ds_config, resolve_precision, zero_stage
-
-    args = _pretrain_parser().parse_args(list(pretrain_args))
-    if world < 1:
-        raise ConfigError(f"the world size must be at least 1, got {world}")
-    recipe_path = args.recipe
-    if args.resume and recipe_path is None and args.out and (Path(args.out) / "recipe.yaml").is_file():
-        recipe_path = str(Path(args.out) / "recipe.yaml")  # what train.main does on --resume
-    recipe = load_recipe(recipe_path, args.overrides, args.out)
-    if args.ds_config is None:
-        from .train import default_ds_config
-
-        args.ds_config = str(default_ds_config())
-    ds_raw = read_ds_config(args.ds_config)
-    zero_stage(ds_raw)
-    precision = resolve_precision(recipe.train.precision, gpu)
-    for st in recipe.stage_plan():
-        st.train.check_world(world)
-        fill_ds_config(ds_raw, st.train, world, precision)
+    args = pretrain_parser(_OneLineParser, add_help=False).parse_args(list(pretrain_args))
+    recipe = load_run_recipe(args)
+    preflight(recipe, args.ds_config, world, gpu)
     # A checkpoint already in the output folder (a requeued job resumes from it): complete, and
     # written by as many ranks as this job has, or the resume would fail only inside DeepSpeed.
     from .engine.checkpoint import latest_tag, verify

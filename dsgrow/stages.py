@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .config import ConfigError, TrainConfig, build_typed, parse_count
 from .families.spec import ModelSpec, SpecError
 
 STAGE_KEYS = ("model", "tokens", "grow", "train")
@@ -50,8 +51,6 @@ class GrowConfig:
 
     @classmethod
     def from_mapping(cls, d: dict, where: str) -> "GrowConfig":
-        from .config import ConfigError
-
         own = {f.name for f in dataclasses.fields(cls)} - {"options"}
         g = cls(**{k: v for k, v in d.items() if k in own}, options={k: v for k, v in d.items() if k not in own})
         if g.optimizer not in OPTIMIZER_CHOICES:
@@ -86,8 +85,6 @@ class Stage:
 
 def parse_stages(recipe, budget_tokens: Optional[int]) -> list[Stage]:
     """Resolve `recipe.stages` (a list of mappings) into Stage objects; ConfigError on bad input."""
-    from .config import ConfigError, TrainConfig, _build, parse_count
-
     raw = recipe.stages
     if not isinstance(raw, list) or not raw:
         raise ConfigError("stages: expected a non-empty list of stages")
@@ -132,7 +129,7 @@ def parse_stages(recipe, budget_tokens: Optional[int]) -> list[Stage]:
                 m = dict(m, heads=m["hidden"] // head_dim)
         model = {**model, **m}
         try:
-            spec = _build(ModelSpec, model, f"{where}.model")
+            spec = build_typed(ModelSpec, model, f"{where}.model")
         except SpecError as e:
             raise ConfigError(f"{where}.model: {e}") from None
         tr = s.get("train") or {}
@@ -148,7 +145,7 @@ def parse_stages(recipe, budget_tokens: Optional[int]) -> list[Stage]:
             if not isinstance(grow, dict):
                 raise ConfigError(f"{where}.grow: every stage after the first needs grow: {{method: ...}}")
             grow = GrowConfig.from_mapping(grow, f"{where}.grow")
-        train = _build(TrainConfig, {**train_base, **tr}, f"{where}.train")
+        train = build_typed(TrainConfig, {**train_base, **tr}, f"{where}.train")
         stages.append(Stage(i, spec, tok, start, train, grow))
         start += tok
     _check_growth(stages, recipe)
@@ -157,7 +154,6 @@ def parse_stages(recipe, budget_tokens: Optional[int]) -> list[Stage]:
 
 def _check_growth(stages: list[Stage], recipe) -> None:
     """Each growth request through dsgrow.growth's own checks (shrinking, head dims, options)."""
-    from .config import ConfigError
     from .growth import GrowthError, check_request
     from .growth.moments import check_transfer
 

@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import __version__
-from .config import ConfigError, Recipe, load_recipe
+from .config import ConfigError
+from .recipe import Recipe
 from .families.spec import ModelSpec
 from .schedules.flops import flops_per_token
 from .engine.grad_stats import MicroBatchGradNorm
@@ -140,27 +141,16 @@ def check_init_from(path: str, spec: ModelSpec) -> None:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, ds_config_path: str, resume: bool = False):
-        from .config import ConfigError
+    def __init__(self, recipe: Recipe, ds_config_path: Optional[str] = None, resume: bool = False):
         from .engine import checkpoint as ckpt
-        from .engine.ds_config import fill_ds_config, read_ds_config, resolve_precision, zero_stage
         from .engine.runtime import build_engine, build_model, has_gpu, init_distributed
+        from .launch import preflight
 
         self.recipe = recipe
         t = recipe.train
-        ds_raw = read_ds_config(ds_config_path)
-        zero_stage(ds_raw)
         self.rank, self.world, _ = init_distributed()
-        self.precision = resolve_precision(t.precision, has_gpu())
-        self.ds_raw = ds_raw
-        self.stages = recipe.stage_plan()
-        for st in self.stages:  # every stage's batch arithmetic and ds_config, before any work
-            st.train.check_world(self.world)
-            fill_ds_config(ds_raw, st.train, self.world, self.precision)
-            if st.grow and st.grow.optimizer == "transfer" and "optimizer" in ds_raw:
-                raise ConfigError(f"stages[{st.index}].grow.optimizer: transfer moves the moments of the torch "
-                                  f"AdamW dsgrow builds; {ds_config_path} names its own optimizer "
-                                  f"({ds_raw['optimizer'].get('type')})")
+        pre = preflight(recipe, ds_config_path, self.world, has_gpu())  # the multi-node check's own checks
+        self.precision, self.ds_raw, self.stages = pre.precision, pre.ds_raw, pre.stages
         self.out = Path(recipe.out)
         self.ckroot = self.out / "checkpoints"
         tag = ckpt.resolve_resume(self.ckroot, resume)
@@ -575,26 +565,14 @@ def format_summary(s: dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`launchers/pretrain.py` and `dsgrow train` both land here."""
-    import argparse
+    from .launch import load_run_recipe, pretrain_parser
 
-    p = argparse.ArgumentParser(prog="pretrain", description="dsgrow pretraining on DeepSpeed")
-    p.add_argument("--ds_config", "--ds-config", dest="ds_config", default=str(default_ds_config()),
-                   help="DeepSpeed engine config (ds_configs/*.json); 'auto' fields come from the recipe")
-    p.add_argument("--recipe", default=None, help="YAML recipe (default: the embedded tiny CPU demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set train.lr=3e-4 (repeatable)")
-    p.add_argument("--out", default=None, help="output folder (overrides the recipe's 'out')")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = pretrain_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    recipe_path = args.recipe
-    if args.resume and recipe_path is None and args.out and (Path(args.out) / "recipe.yaml").is_file():
-        recipe_path = str(Path(args.out) / "recipe.yaml")  # resume what that folder trained
     try:
-        recipe = load_recipe(recipe_path, args.overrides, args.out)
+        recipe = load_run_recipe(args)
         trainer = Trainer(recipe, args.ds_config, resume=args.resume)
         trainer.run()
         trainer.close()
@@ -605,12 +583,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"dsgrow: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def default_ds_config() -> Path:
-    """ds_configs/zero2.json of a source checkout; the packaged copy otherwise."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "ds_configs" / "zero2.json", here / "ds_configs" / "zero2.json"):
-        if cand.is_file():
-            return cand
-    return here.parent / "ds_configs" / "zero2.json"

@@ -34,7 +34,7 @@ def reference_run(args: list[str], init_dir):
     (train.init_from): zero.Init draws ZeRO-3's random init in another order."""
     import transformers as tf
 
-    from dsgrow.config import load_recipe
+    from dsgrow.recipe import load_recipe
     from dsgrow.data import SampleStream
     from dsgrow.engine.runtime import param_groups
     from dsgrow.train import prepare_data
@@ -146,7 +146,8 @@ def test_token_and_flop_budgets_stop_the_run_inside_the_budget(tmp_path):
     (["train.adaptive_batch={min: 16, max: 12}"], "adaptive"),
 ])
 def test_bad_schedule_and_budget_inputs_fail_at_load(overrides, needle):
-    from dsgrow.config import ConfigError, load_recipe
+    from dsgrow.config import ConfigError
+    from dsgrow.recipe import load_recipe
 
     if needle is None:
         r = load_recipe(None, ["stages=null", "stages=null", *overrides])
@@ -158,7 +159,7 @@ def test_bad_schedule_and_budget_inputs_fail_at_load(overrides, needle):
 
 
 def test_budget_fractions_and_lr_scaling():
-    from dsgrow.config import load_recipe
+    from dsgrow.recipe import load_recipe
 
     r = load_recipe(None, ["stages=null", "budget={tokens: 4M}", "train.tokens=0.25"])
     assert r.train.tokens == 1_000_000

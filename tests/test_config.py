@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from dsgrow.config import ConfigError, load_recipe, parse_count
+from dsgrow.config import ConfigError, parse_count
 from dsgrow.engine.ds_config import fill_ds_config, read_ds_config
 from dsgrow.families.spec import SpecError
+from dsgrow.recipe import load_recipe
 
 
 def write(tmp_path, text, name="r.yaml"):
@@ -122,3 +123,13 @@ def test_import_dsgrow_does_not_import_deepspeed():
     code = ("import sys, dsgrow, dsgrow.config, dsgrow.families, dsgrow.schedules.flops, dsgrow.train, dsgrow.cli; "
             "assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_packaged_default_ds_config_is_ds_configs_zero2():
+    """`--ds_config` defaults to a copy inside the package (an installed wheel has no ds_configs/)."""
+    from pathlib import Path
+
+    from dsgrow.launch import DEFAULT_DS_CONFIG, read_run_ds_config
+
+    assert DEFAULT_DS_CONFIG == json.loads((Path(__file__).parent.parent / "ds_configs" / "zero2.json").read_text())
+    assert read_run_ds_config(None) == DEFAULT_DS_CONFIG and read_run_ds_config(None) is not DEFAULT_DS_CONFIG

@@ -119,7 +119,8 @@ def test_transfer_under_zero_equals_the_one_process_map(tmp_path, stage):
     ("{method: fpi, optimizer: keep}", "grow.optimizer must be one of reset, transfer"),
 ])
 def test_bad_transfer_requests_fail_at_load(grow, needle):
-    from dsgrow.config import ConfigError, load_recipe
+    from dsgrow.config import ConfigError
+    from dsgrow.recipe import load_recipe
 
     stages = f"[{{model: {SMALL}, tokens: 8K}}, {{grow: {grow}, model: {{layers: 4}}, tokens: 8K}}]"
     with pytest.raises(ConfigError) as e:
@@ -128,7 +129,8 @@ def test_bad_transfer_requests_fail_at_load(grow, needle):
 
 
 def test_bert_transfer_is_refused_at_load():
-    from dsgrow.config import ConfigError, load_recipe
+    from dsgrow.config import ConfigError
+    from dsgrow.recipe import load_recipe
 
     small = "{family: bert, layers: 2, hidden: 64, heads: 4}"
     stages = f"[{{model: {small}, tokens: 8K}}, {{grow: {{method: fpi, optimizer: transfer}}, model: {{layers: 4}}, tokens: 8K}}]"

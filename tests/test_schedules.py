@@ -10,8 +10,8 @@ import pytest
 
 from dsgrow.schedules import lr as lr_mod
 from dsgrow.schedules.batch import (
-    AdaptiveBatch, Constant, GrowInsteadOfDecay, Ramp, ScheduleError, Steps, aligned_change, count_steps,
-    format_tokens, gas_for, lr_factor_at, make_batch_schedule, micro_steps_until_aligned, parse_tokens, scale_lr,
+    AdaptiveBatch, Constant, GrowInsteadOfDecay, Ramp, ScheduleError, Steps, count_steps, format_tokens,
+    lr_factor_at, make_batch_schedule, parse_tokens, scale_lr,
 )
 from dsgrow.schedules.budget import (
     FITS, Budget, compute_optimal, flops_for_loss, from_params, from_tokens, get_fit, gpu_hours_to_flops, loss,
@@ -290,33 +290,6 @@ def test_adaptive_batch():
         AdaptiveBatch(48, 512, 32)
     with pytest.raises(ScheduleError, match="multiple"):
         a.propose(100.0, 40)
-
-
-def _first_window(micro_steps_done: int, gas_new: int) -> int:
-    """Micro steps in the first optimizer step after switching to gas_new, with DeepSpeed's rule:
-    a micro step with global index i closes an optimizer step when (i + 1) % gas == 0."""
-    i = micro_steps_done
-    while (i + 1) % gas_new:
-        i += 1
-    return i + 1 - micro_steps_done
-
-
-def test_aligned_change_and_the_boundary_trap():
-    assert aligned_change(8, 4) and not aligned_change(6, 4) and aligned_change(0, 4)
-    # 8 micro steps at gas 4 = 2 optimizer steps; switching to gas 3 there: 8 % 3 = 2, so DeepSpeed
-    # closes the next step after 1 micro step (index 8: 9 % 3 == 0), a short step.
-    assert _first_window(8, 3) == 1
-    assert not aligned_change(8, 4, gas_new=3)
-    assert micro_steps_until_aligned(8, 4, 3) == 4   # next multiple of lcm(4, 3) = 12
-    assert aligned_change(12, 4, gas_new=3) and _first_window(12, 3) == 3
-    for done in range(0, 49, 4):  # every old-gas boundary
-        for new in range(1, 9):
-            assert aligned_change(done, 4, new) == (_first_window(done, new) == new)
-            wait = micro_steps_until_aligned(done, 4, new)
-            assert wait % 4 == 0 and aligned_change(done + wait, 4, new)
-    assert gas_for(512, 4, 8) == 16
-    with pytest.raises(ScheduleError, match="500"):
-        gas_for(500, 4, 8)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,7 +106,8 @@ def test_resume_before_during_and_after_growth(tmp_path, fault):
      "depth_init"),
 ])
 def test_bad_stages_fail_at_load(stages, needle):
-    from dsgrow.config import ConfigError, load_recipe
+    from dsgrow.config import ConfigError
+    from dsgrow.recipe import load_recipe
 
     with pytest.raises(ConfigError) as e:
         load_recipe(None, ["train.tokens=null", "train.global_batch=16", "train.micro_batch=4",
@@ -126,7 +127,8 @@ def test_stage_with_no_growth_method_for_the_family_is_refused_at_start(tmp_path
 def test_flop_budget_counts_the_growth_fit():
     """A LiGO fit's tokens cost 8ND (forward, backward and the layerwise recompute), not 6ND: a
     FLOP budget that only 6ND fits is refused at load, and the same stages without a fit load."""
-    from dsgrow.config import ConfigError, load_recipe
+    from dsgrow.config import ConfigError
+    from dsgrow.recipe import load_recipe
     from dsgrow.schedules.flops import flops_per_token
 
     def recipe(fit_steps: int, flops: float):

@@ -11,19 +11,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .corpus import DataError, Document
-from .tokenizer import Tokenizer, atomic_write_bytes
+from ..fileio import atomic_write_bytes, hf_offline
+from .tokenizer import Tokenizer
 
 # Bump when packing changes meaning, so stale cache entries are not reused.
 PACKING_FORMAT = "dsgrow-blocks-1"
-
-
-def hf_offline(cache_dir: Optional[Path]) -> None:
-    """HF libraries read these at import: never reach a hub, never write under ~/.cache."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if cache_dir is not None:
-        os.environ.setdefault("HF_HOME", str(cache_dir / "hf_home"))
-        os.environ.setdefault("HF_DATASETS_CACHE", str(cache_dir / "hf_home" / "datasets"))
 
 
 def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from ..fileio import atomic_write_bytes, hf_offline
 from .corpus import DataError, Document
 
 PAD, UNK, BOS, EOS, MASK, NEWLINE = "<pad>", "<unk>", "<s>", "</s>", "<mask>", "\n"
@@ -36,23 +37,6 @@ TRAINING_FORMAT = "dsgrow-spm-1"
 MAX_TRAINING_LINES = {"bpe": 400_000, "unigram": 50_000}
 # Byte fallback spends 256 ids on raw bytes; below this size that would starve the merges.
 BYTE_FALLBACK_MIN_VOCAB = 1024
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and os.replace, so that a reader (or a second
-    process writing the same content) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Tokenizer:
@@ -163,8 +147,6 @@ class Tokenizer:
         that transformers.AutoTokenizer.from_pretrained(directory) loads offline and encodes the
         same ids as encode() (no bos/eos is added: packing appends eos itself) and decodes to the
         same text (special pieces aside: pass skip_special_tokens=True)."""
-        from .packing import hf_offline
-
         hf_offline(None)
         from transformers import PreTrainedTokenizerFast
 

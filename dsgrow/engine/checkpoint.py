@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from ..config import ConfigError
-from .runtime import barrier, broadcast_object
+from ..fileio import atomic_write_text
+from .runtime import barrier, broadcast_object, rank_world
 
 STATE_FILE = "run_state.json"
 PARTIAL = ".partial"
@@ -32,19 +32,6 @@ PARTIAL = ".partial"
 
 class CheckpointError(ConfigError):
     """A checkpoint that is missing, truncated, or does not belong to this run (one line)."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,24 +71,24 @@ def save(engine, root: Path, tag: str, run_state: dict, keep: int) -> Path:
     """Write checkpoint `tag` on every rank; returns its final folder."""
     root = Path(root)
     partial = root / f"{tag}{PARTIAL}"
-    if _rank() == 0:
+    if rank_world()[0] == 0:
         root.mkdir(parents=True, exist_ok=True)
         if partial.exists():  # left by a run killed mid-save; never a complete checkpoint
             shutil.rmtree(partial)
     barrier()
     engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
-    torch.save(rng_state(), partial / f"rng_rank{_rank()}.pt")
+    torch.save(rng_state(), partial / f"rng_rank{rank_world()[0]}.pt")
     barrier()
     final = root / tag
-    if _rank() == 0:
+    if rank_world()[0] == 0:
         manifest = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
         state = dict(run_state, tag=tag, manifest=manifest)
-        _atomic_write_text(partial / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
+        atomic_write_text(partial / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
         _fault_point("checkpoint_before_commit", tag)
         if final.exists():  # same tag written again (e.g. a resumed run's final save): replace it
             shutil.rmtree(final)
         os.replace(partial, final)
-        _atomic_write_text(root / "latest", tag)
+        atomic_write_text(root / "latest", tag)
         # Stage-end checkpoints (stageN-end) are kept for good: each is a growth's starting point.
         for old in [x for x in complete_tags(root) if not x.startswith("stage")][:-keep]:
             if old != tag:
@@ -154,7 +141,7 @@ def load(engine, root: Path, tag: str) -> None:
                                           load_lr_scheduler_states=False)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {d}")
-    rng_file = d / f"rng_rank{_rank()}.pt"
+    rng_file = d / f"rng_rank{rank_world()[0]}.pt"
     set_rng_state(torch.load(rng_file, weights_only=True))
 
 
@@ -169,7 +156,7 @@ def _fault_point(name: str, tag: str) -> None:
 
 def resolve_resume(root: Path, resume: bool) -> Optional[str]:
     """Rank 0 decides which tag to resume from; every rank gets the same answer."""
-    tag = latest_tag(root) if _rank() == 0 else None
+    tag = latest_tag(root) if rank_world()[0] == 0 else None
     tag = broadcast_object(tag)
     if resume and tag is None:
         raise CheckpointError(f"--resume: no complete checkpoint in {root}")

@@ -6,8 +6,6 @@ complete.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -34,13 +32,12 @@ def export_hf(engine, dest, tokenizer=None) -> Path:
     """Write `engine.module` (an HF model) with its fp32 master weights to `dest`; returns `dest`.
 
     `tokenizer`: anything with `save_pretrained` or `save_hf` (dsgrow's own), saved beside it."""
-    import torch.distributed as dist
-
-    from .runtime import barrier, gather_fp32_state_dict
+    from ..fileio import write_dir_atomically
+    from .runtime import barrier, gather_fp32_state_dict, rank_world
 
     dest = Path(dest)
     sd = gather_fp32_state_dict(engine)
-    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+    if rank_world()[0] == 0:
         with _no_zero_init():
             model = type(engine.module)._from_config(engine.module.config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -48,15 +45,12 @@ def export_hf(engine, dest, tokenizer=None) -> Path:
         if unexpected or any(k not in tied and not k.endswith("lm_head.weight") and "decoder.weight" not in k
                              for k in missing):
             raise RuntimeError(f"export: state dict mismatch, missing {missing}, unexpected {unexpected}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.tmp{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(str(tmp))  # transformers 5 always writes safetensors
-        _save_tokenizer(tokenizer, str(tmp))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+
+        def fill(tmp: str) -> None:
+            model.save_pretrained(tmp)  # transformers 5 always writes safetensors
+            _save_tokenizer(tokenizer, tmp)
+
+        write_dir_atomically(dest, fill)
     barrier()
     return dest
 

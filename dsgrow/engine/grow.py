@@ -139,9 +139,9 @@ def grow_engine(engine, target, method: str = "ligo", *, fit_steps: int = 0, fit
     on_event(name, value): "moments" (the small Adam moments, HF names), "operator" (a fitted
       operator), "fitted" (after the fit, before the write) - for exports and crash tests.
     """
+    from .grow_io import all_reduce_mean_, write_weights
     from .rebuild import base_optimizer, capture
-    from .runtime import all_gather_object, build_model, destroy_engine, gather_fp32_state_dict
-    from .grow_io import all_reduce_mean_, rank_world, write_weights
+    from .runtime import all_gather_object, build_model, destroy_engine, gather_fp32_state_dict, rank_world
 
     t0 = time.perf_counter()
     # 1. Preflight: nothing below touches the engine until every check has passed.

@@ -14,11 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-
-def rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from .runtime import rank_world
 
 
 def rank_slice(value: torch.Tensor, part: int, rank: int) -> tuple[torch.Tensor, int]:

@@ -56,6 +56,13 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
@@ -182,7 +189,7 @@ def gather_fp32_state_dict(engine, all_ranks: bool = False) -> Optional[dict[str
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = rank_world()[0]
     out: Optional[dict] = {} if rank == 0 or all_ranks else None
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)

@@ -8,8 +8,10 @@ How the pieces compose in a training loop (done by the caller, nothing here hold
 
     b = schedule.batch_at(tokens)                          # sequences this step
     lr = base_lr_fn(tokens) * lr_factor_at(schedule, tokens, base_batch, rule)
-    gas = gas_for(b, micro_batch, dp)                      # engine.set_train_batch_size(b)
-    # ... but only apply a new gas when aligned_change(...) says so (see its docstring).
+
+The trainer applies `b` with engine.set_train_batch_size and sets the accumulation boundary
+itself on every micro-step (deepspeed-facts.md: DeepSpeed's own boundary comes from a global
+micro-step counter, which a changed accumulation count would misalign).
 
 `lr_factor_at` folds together the two LR effects of a batch schedule: the scaling rule
 (`scale_lr`: linear per Goyal et al. 2017, sqrt, or none) and the schedule's own LR multiplier,
@@ -430,47 +432,6 @@ def count_steps(schedule: BatchSchedule, total_tokens: int, seq_len: int) -> int
         steps += n
         t += n * per_step
     return steps
-
-
-def gas_for(batch: int, micro_batch: int, dp: int) -> int:
-    """Gradient accumulation steps for a global batch (what engine.set_train_batch_size sets)."""
-    unit = _positive_int(micro_batch, "micro_batch") * _positive_int(dp, "dp")
-    if _positive_int(batch, "batch") % unit:
-        raise ScheduleError(f"batch size {batch} is not divisible by micro_batch {micro_batch} x dp {dp} = {unit}")
-    return batch // unit
-
-
-def aligned_change(micro_steps_done: int, gas_old: int, gas_new: Optional[int] = None) -> bool:
-    """Whether a new gradient-accumulation count may take effect now.
-
-    DeepSpeed decides the accumulation boundary from a global micro-step counter:
-    `(micro_steps + 1) % gas == 0`. `engine.set_train_batch_size` only swaps gas, it does not reset
-    the counter. So a change is clean only when
-      - the last micro step closed an optimizer step under the old gas
-        (micro_steps_done % gas_old == 0), and
-      - the counter also sits on a boundary of the new gas (micro_steps_done % gas_new == 0);
-        otherwise the first step under the new gas is short (fewer micro-batches, wrong loss
-        scale: the loss is still divided by the full new gas).
-    With `gas_new` omitted only the first condition is checked. Until it holds, keep the old
-    batch (see `micro_steps_until_aligned`), or drive `engine.set_gradient_accumulation_boundary`
-    yourself as Megatron-DeepSpeed does.
-    """
-    if micro_steps_done < 0:
-        raise ScheduleError(f"micro_steps_done must be >= 0, got {micro_steps_done}")
-    ok = micro_steps_done % _positive_int(gas_old, "gas_old") == 0
-    if gas_new is not None:
-        ok = ok and micro_steps_done % _positive_int(gas_new, "gas_new") == 0
-    return ok
-
-
-def micro_steps_until_aligned(micro_steps_done: int, gas_old: int, gas_new: int) -> int:
-    """Micro steps still to run under the old gas before switching to `gas_new` is clean (0 if
-    aligned_change holds now): the next multiple of lcm(gas_old, gas_new). Assumes the counter has
-    been on gas_old boundaries so far."""
-    if micro_steps_done < 0:
-        raise ScheduleError(f"micro_steps_done must be >= 0, got {micro_steps_done}")
-    step = math.lcm(_positive_int(gas_old, "gas_old"), _positive_int(gas_new, "gas_new"))
-    return -micro_steps_done % step
 
 
 # ----------------------------------------------------------------------------------------------

@@ -97,11 +97,6 @@ def _pos(x: float, what: str) -> float:
     return float(x)
 
 
-def training_flops(params: float, tokens: float) -> float:
-    """C = 6 N D."""
-    return 6.0 * _pos(params, "params") * _pos(tokens, "tokens")
-
-
 def loss(N: float, D: float, fit: FitLike = DEFAULT_FIT) -> float:
     """Predicted final loss of N parameters trained on D tokens."""
     return get_fit(fit).loss(_pos(N, "params"), _pos(D, "tokens"))

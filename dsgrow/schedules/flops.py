@@ -20,7 +20,3 @@ def flops_per_token(spec: ModelSpec, seq_len: int | None = None) -> float:
     t = seq_len if seq_len is not None else spec.max_seq_len
     return 6.0 * matmul_params(spec) + 12.0 * spec.layers * spec.hidden * t
 
-
-def forward_flops_per_token(spec: ModelSpec, seq_len: int | None = None) -> float:
-    """Forward-only FLOPs for one token (evaluation)."""
-    return flops_per_token(spec, seq_len) / 3.0
