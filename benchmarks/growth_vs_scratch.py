@@ -158,14 +158,14 @@ def grow_small(cfg: dict, small_dir: Path, method: str, opts: dict, dest: Path, 
     import transformers as tf
 
     from dsgrow.recipe import load_recipe
-    from dsgrow.growth import grow
-    from dsgrow.train import prepare_data
+    from dsgrow.growth import get_method, grow
+    from dsgrow.run.setup import prepare_data
 
     small = tf.AutoModelForCausalLM.from_pretrained(str(small_dir), local_files_only=True, dtype=torch.float32)
     target = {k: v for k, v in cfg["base"]["model"].items() if k in ("layers", "hidden", "heads", "kv_heads", "ffn")}
     opts = dict(opts)
     method = opts.pop("method", method)  # an entry may be a labelled variant: {method: ligo, ...}
-    fit_steps = int(opts.pop("fit_steps", 0)) if method == "ligo" else 0
+    fit_steps = int(opts.pop("fit_steps", 0)) if get_method(method).fits else 0
     fit_batch = int(opts.pop("fit_batch", 16))
     data = None
     if fit_steps:
@@ -204,7 +204,7 @@ def validate(cfg: dict, methods: list[str], work: Path) -> None:
     one line)."""
     from dsgrow.config import ConfigError
     from dsgrow.recipe import load_recipe
-    from dsgrow.growth import GrowthError, check_request
+    from dsgrow.growth import GrowthError, check_request, get_method
 
     runner = Runner(cfg, work, "", {})
     seed = cfg["seeds"][0]
@@ -228,9 +228,9 @@ def validate(cfg: dict, methods: list[str], work: Path) -> None:
         if train:
             load_checked(f"methods.{label}.train: ", "check-large", {}, cfg["large_tokens"], lrs[0], train=train)
         method = opts.pop("method", label)
-        fit_steps = int(opts.pop("fit_steps", 0)) if method == "ligo" else 0
-        opts.pop("fit_batch", None)
         try:
+            fit_steps = int(opts.pop("fit_steps", 0)) if get_method(method).fits else 0
+            opts.pop("fit_batch", None)
             check_request(s_spec, l_spec, method, fit_steps, **opts)
         except GrowthError as e:
             raise SystemExit(f"growth_vs_scratch: methods.{label}: {e}") from None

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dsgrow.families import ModelSpec, build_hf_model, from_canonical, to_canonical  # noqa: E402
-from dsgrow.growth import grow_canonical, heldout_loss, resolve_target  # noqa: E402
+from dsgrow.growth import get_method, grow_canonical, heldout_loss, resolve_target  # noqa: E402
 
 PAIRS = {
     "gpt2": (ModelSpec("gpt2", layers=2, hidden=64, heads=4, max_seq_len=64), {"layers": 4, "hidden": 128}),
@@ -144,17 +144,18 @@ def run_method(small, c_small, target, method, opts, train, val, fit_steps, fit_
     """One growth call, measured; returns a JSON-able row."""
     torch.set_num_threads(threads)
     kw = dict(opts)
-    if method == "ligo":
+    fits = get_method(method).fits  # a learned operator: fitted, scored before and after
+    if fits:
         kw.update(lr=fit_lr, batch_size=batch)
-    steps = fit_steps if method == "ligo" else 0
+    steps = fit_steps if fits else 0
     with RSSPeak() as mem:  # the growth (and LiGO's fit) only; evaluation happens outside
         big, info = grow_canonical(small, c_small, target, method, data=train, fit_steps=steps, return_info=True, **kw)
     large = resolve_target(small, target)
-    init = grow_canonical(small, c_small, target, "ligo", init=opts["init"]) if method == "ligo" else big
+    init = grow_canonical(small, c_small, target, method, **opts) if fits else big
     row = {"method": method, "options": opts, "loss_after_growth": heldout_loss(large, init, val),
-           "loss_after_fit": heldout_loss(large, big, val) if method == "ligo" else None,
+           "loss_after_fit": heldout_loss(large, big, val) if fits else None,
            "grow_wall_s": info["grow_wall_s"], "peak_rss_delta_mib": mem.delta_mib}
-    if method == "ligo":
+    if fits:
         fit = info["fit"]
         row.update(fit_steps=fit["steps"], fit_tokens=fit["tokens"], fit_wall_s=fit["wall_s"],
                    fit_flops=fit["flops"], fit_flops_operator=fit["flops_operator"],

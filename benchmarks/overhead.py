@@ -104,7 +104,7 @@ def main() -> int:
     from dsgrow.recipe import load_recipe
     from dsgrow.engine.ds_config import fill_ds_config, read_ds_config, resolve_precision
     from dsgrow.engine.runtime import has_gpu, init_distributed
-    from dsgrow.train import prepare_data
+    from dsgrow.run.setup import prepare_data
 
     recipe = load_recipe(a.recipe, a.overrides)
     if recipe.model.family == "bert":

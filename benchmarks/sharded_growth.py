@@ -81,9 +81,11 @@ def read_run(out: Path) -> tuple[dict, dict, list[dict]]:
 def sized_run(name: str, world: int, root: Path, env: dict, fit_steps: int, method: str = "ligo") -> dict:
     (l1, h1), (l2, h2), vocab = SIZES[name]
     step = BATCH * SEQ
-    if method != "ligo":
+    from dsgrow.growth import get_method
+
+    if not get_method(method).fits:
         fit_steps = 0
-    grow = (f"{{method: ligo, fit_steps: {fit_steps}, fit_batch: {BATCH}}}" if method == "ligo"
+    grow = (f"{{method: {method}, fit_steps: {fit_steps}, fit_batch: {BATCH}}}" if fit_steps
             else f"{{method: {method}}}")
     stages = (f"[{{model: {{layers: {l1}, hidden: {h1}, heads: {h1 // 32}}}, tokens: {2 * step}}}, "
               f"{{grow: {grow}, model: {{layers: {l2}, hidden: {h2}}}, tokens: {(2 + fit_steps) * step}}}]")

@@ -25,7 +25,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if args else 2
     cmd, rest = args[0], args[1:]
     if cmd == "train":
-        from .train import main as train_main
+        from .launch import main as train_main
 
         return train_main(rest)
     if cmd == "grow":

@@ -1,13 +1,15 @@
-"""What `launchers/pretrain.py` takes and checks before any compute: one parser and one preflight,
-shared by the trainer (dsgrow/train.py) and the multi-node check (dsgrow/multinode.py), so the two
-can never disagree about what a run is.
+"""`launchers/pretrain.py`'s entry point, and what it takes and checks before any compute: one
+parser and one preflight, shared by the trainer (dsgrow/train.py) and the multi-node check
+(dsgrow/multinode.py), so the two can never disagree about what a run is.
 
-No DeepSpeed, no torch: the multi-node preflight runs on a login node in about a second.
+No DeepSpeed import here: the multi-node preflight runs on a login node in a few seconds.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -91,4 +93,25 @@ def preflight(recipe: Recipe, ds_config: Optional[str], world: int, gpu: bool) -
     return Preflight(recipe, ds_raw, precision, stages)
 
 
-__all__ = ["DEFAULT_DS_CONFIG", "pretrain_parser", "load_run_recipe", "read_run_ds_config", "preflight", "Preflight"]
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`launchers/pretrain.py` and `dsgrow train` both land here."""
+    args = pretrain_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from .train import Trainer
+
+        trainer = Trainer(load_run_recipe(args), args.ds_config, resume=args.resume)
+        trainer.run()
+        trainer.close()
+    except ValueError as e:  # ConfigError, SpecError, DataError, CheckpointError: one line, no traceback
+        if os.environ.get("DSGROW_TRACEBACK"):  # ... unless asked for (debugging a ValueError from a library)
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dsgrow: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["main", "DEFAULT_DS_CONFIG", "pretrain_parser", "load_run_recipe", "read_run_ds_config", "preflight", "Preflight"]

@@ -1,5 +1,10 @@
 """The training loop: recipe -> data -> DeepSpeed engine -> steps, evaluation, checkpoints, export.
 
+A thin loop over components: the run's setup and data (run/setup.py), the family's objective
+(run/objective.py), each stage's batch and LR schedule (run/schedule.py), metrics
+(run/metrics.py), checkpoints (engine/checkpoint.py) and growth through the public
+`dsgrow.grow_engine` (engine/grow.py), the same call a user's own loop makes.
+
 Everything the loop decides is a function of tokens seen (LR, when to evaluate, when to
 checkpoint), and the only state a resumed run needs is that counter, the data position, the
 engine's checkpoint and the RNG states.
@@ -7,138 +12,21 @@ engine's checkpoint and the RNG states.
 from __future__ import annotations
 
 import json
-import math
-import os
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from . import __version__
-from .config import ConfigError
-from .recipe import Recipe
-from .families.spec import ModelSpec
-from .schedules.flops import flops_per_token
 from .engine.grad_stats import MicroBatchGradNorm
-from .schedules.lr import warmup_cosine
-from .schedules.noise_scale import NoiseScaleEstimator
-
-# Fields that may change when a run is resumed; anything else would silently train another run.
-RESUMABLE_CHANGES = {"name", "out", "export_hf", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.log_every"}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DSGROW_CACHE_DIR", Path.home() / ".cache" / "dsgrow"))
-
-
-@dataclass
-class Data:
-    tokenizer: object
-    train: torch.Tensor
-    val: torch.Tensor
-    info: dict = field(default_factory=dict)
-
-
-def prepare_data(recipe: Recipe, rank: int) -> Data:
-    """Rank 0 trains the tokenizer and packs the blocks into the cache; the other ranks then read
-    the cache. An error on rank 0 is sent to every rank so that all stop with the same line."""
-    from .data import build_blocks, load_documents, train_or_load_tokenizer
-    from .engine.runtime import barrier, broadcast_object
-
-    d, t = recipe.data, recipe.train
-
-    def build() -> Data:
-        docs = load_documents(d.source, d.paths)
-        tok = train_or_load_tokenizer(docs, d.vocab_size, cache_dir() / "tokenizers", model_type=d.tokenizer_type,
-                                      seed=t.seed)
-        train, val, info = build_blocks(docs, tok, t.seq_len, d.val_fraction, t.seed, cache_dir() / "blocks")
-        return Data(tok, train, val, info)
-
-    err, data = None, None
-    if rank == 0:
-        try:
-            data = build()
-        except (ValueError, FileNotFoundError) as e:
-            err = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
-    err = broadcast_object(err)
-    if err:
-        raise ConfigError(err)
-    barrier()
-    if data is None:
-        data = build()  # a cache hit on every rank but 0
-    need = t.eval_samples
-    if len(data.val) < need:
-        raise ConfigError(f"train.eval_samples ({need}) exceeds the validation split's {len(data.val)} blocks "
-                          f"of {t.seq_len} tokens (lower it, or raise data.val_fraction)")
-    return data
-
-
-class MetricsLog:
-    """Tensorboard scalars and a JSONL line per record, rank 0 only."""
-
-    def __init__(self, out: Path, enabled: bool):
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
-        self.tb = None
-        self.jsonl = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-            self.jsonl = open(out / "metrics.jsonl", "a")
-
-    def log(self, record: dict, step: int) -> None:
-        if not self.enabled:
-            return
-        record = {**record, "elapsed_s": round(time.perf_counter() - self.t0, 3)}  # this process's clock
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and k != "step":
-                self.tb.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.tb.close()
-            self.jsonl.close()
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def check_resume_recipe(saved: dict, current: dict) -> None:
-    a, b = _flat(saved), _flat(current)
-    for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_CHANGES or key.startswith("model.vocab_size"):
-            continue
-        if a.get(key) != b.get(key):
-            raise ConfigError(f"--resume: recipe field {key} is {b.get(key)!r} but the checkpoint was trained with "
-                              f"{a.get(key)!r}")
-
-
-def check_init_from(path: str, spec: ModelSpec) -> None:
-    """train.init_from must hold exactly the recipe's model (vocabulary included)."""
-    import transformers as tf
-
-    theirs = ModelSpec.from_hf_config(tf.AutoConfig.from_pretrained(path, local_files_only=True))
-    ours = ModelSpec.from_hf_config(spec.to_hf_config())  # defaults (ffn, eps, tying) made explicit
-    if theirs != ours:
-        diff = {k: (v, ours.to_dict()[k]) for k, v in theirs.to_dict().items() if ours.to_dict().get(k) != v}
-        raise ConfigError(f"train.init_from: {path} holds another model than the recipe's "
-                          f"(field: theirs, recipe's) {diff}")
-
+from .families.spec import ModelSpec
+from .recipe import Recipe
+from .run.metrics import MetricsLog, format_summary
+from .run.objective import Objective
+from .run.schedule import StageSchedule
+from .run.setup import check_init_from, check_resume_recipe, prepare_data
+from .schedules.flops import flops_per_token
 
 class Trainer:
     def __init__(self, recipe: Recipe, ds_config_path: Optional[str] = None, resume: bool = False):
@@ -175,6 +63,7 @@ class Trainer:
         self.engine = build_engine(model, self.ds_cfg, self.t.lr, self.t.betas, self.t.eps,
                                    self.t.weight_decay)
         self.device = self.engine.device
+        self.objective = Objective(self.spec, self.data.tokenizer, recipe.data.mlm_probability, t.seed, self.device)
 
         from .data import SampleStream
 
@@ -197,9 +86,7 @@ class Trainer:
             self.stage_t0 = st.get("stage_t0", 0)
             self.growth_events = st.get("growth_events", [])
             self.last_val = st.get("val_loss")
-            self.batch = st.get("batch", self.batch)
-            if self.noise is not None and st.get("noise_scale"):
-                self.noise.load_state_dict(st["noise_scale"])
+            self.sched.load_state_dict(st)
 
     def _enter_stage(self, stage) -> None:
         """Make `stage` current: its model spec, train config and filled ds_config."""
@@ -213,13 +100,9 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.spec, self.t.seq_len)
 
     def _reset_stage_state(self) -> None:
-        """Schedules and meters that belong to one stage's engine."""
-        t = self.t
-        self.schedule = t.batch_plan()
-        self.adaptive = t.adaptive_plan() if t.adaptive_batch is not None else None
-        self.batch = self.adaptive.min_batch if self.adaptive else self.schedule.batch_at(0)
-        self.noise = NoiseScaleEstimator(t.noise_scale_beta) if t.noise_scale else None
-        self.grad_probe = MicroBatchGradNorm(self.engine.module) if t.noise_scale else None
+        """The schedule and meters that belong to one stage's engine."""
+        self.sched = StageSchedule(self.t)
+        self.grad_probe = MicroBatchGradNorm(self.engine.module) if self.t.noise_scale else None
         self.last_noise: dict = {}
 
     @property
@@ -227,36 +110,10 @@ class Trainer:
         """Tokens trained in the current stage (the schedules' clock)."""
         return self.tokens - self.stage_t0
 
-    # -- schedules: pure functions of tokens seen (plus the adaptive batch, which is state) ------
-    def batch_for_next_step(self) -> int:
-        return self.batch if self.adaptive else self.schedule.batch_at(self.stage_tokens)
-
-    def lr_for_step(self, batch: int) -> float:
-        """LR of the step that starts at self.tokens, evaluated at its end (no zero-LR first step)."""
-        from .schedules.batch import lr_factor_at, scale_lr
-
-        t = self.t
-        end = self.stage_tokens + batch * t.seq_len
-        if t.lr_schedule == "cosine":
-            base = warmup_cosine(end, t.tokens, t.lr, t.warmup_tokens, t.min_lr_ratio)
-        else:
-            base = t.lr * min(1.0, end / t.warmup_tokens) if t.warmup_tokens else t.lr
-        if self.adaptive:
-            return base * scale_lr(1.0, t.global_batch, batch, t.lr_scaling)
-        return base * lr_factor_at(self.schedule, self.stage_tokens, t.global_batch, t.lr_scaling)
+    def _batch(self, idx: torch.Tensor, position: int) -> dict:
+        return self.objective.train_inputs(self.data.train[idx], position)
 
     # -- one optimizer step ----------------------------------------------------------------------
-    def _batch(self, idx: torch.Tensor, position: int):
-        from .data import mlm_mask
-
-        x = self.data.train[idx]
-        if self.spec.family == "bert":
-            inputs, labels = mlm_mask(x, self.data.tokenizer, self.recipe.data.mlm_probability,
-                                      seed=self.t.seed, position=position)
-            return {"input_ids": inputs.to(self.device), "labels": labels.to(self.device)}
-        x = x.to(self.device)
-        return {"input_ids": x, "labels": x}
-
     def train_step(self, batch: int, measure_noise: bool = False) -> torch.Tensor:
         """One optimizer step over exactly `batch` samples (all ranks, all micro-batches).
 
@@ -304,13 +161,13 @@ class Trainer:
         big = global_grad_norm(self.engine)
         if big is None or batch <= t.micro_batch:
             return  # one micro-batch per step on one rank: the two batch sizes coincide
-        b_simple = self.noise.update(small_sq, big ** 2, t.micro_batch, batch)
+        b_simple = self.sched.noise.update(small_sq, big ** 2, t.micro_batch, batch)
         self.last_noise = {"grad_sq_small": small_sq, "grad_sq_big": big ** 2,
                            "noise_scale_b_simple": b_simple if b_simple is not None else float("nan")}
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        from .data import mlm_mask, shard
+        from .data import shard
 
         t = self.t
         self.engine.eval()
@@ -318,14 +175,7 @@ class Trainer:
         losses = []
         for k in range(0, len(idx), t.micro_batch):
             x = self.data.val[idx[k:k + t.micro_batch]]
-            if self.spec.family == "bert":
-                # A fixed mask per sample keeps evaluations comparable across time and runs.
-                inputs, labels = mlm_mask(x, self.data.tokenizer, self.recipe.data.mlm_probability,
-                                          seed=t.seed + 1, position=int(idx[k]))
-                out = self.engine(input_ids=inputs.to(self.device), labels=labels.to(self.device))
-            else:
-                x = x.to(self.device)
-                out = self.engine(input_ids=x, labels=x)
+            out = self.engine(**self.objective.eval_inputs(x, int(idx[k])))
             losses.append(float(out.loss.float()) * len(x))  # weighted: the last chunk may be short
         self.engine.train()
         from .engine.runtime import all_mean
@@ -371,8 +221,8 @@ class Trainer:
             summary["budget"] = dict(b)
             summary["budget_used"] = (summary["flops"] / float(b["flops"]) if b.get("flops") is not None
                                       else self.tokens / total)
-        if self.noise is not None and self.noise.b_simple is not None:
-            summary["noise_scale_b_simple"] = self.noise.b_simple
+        if self.sched.noise is not None and self.sched.noise.b_simple is not None:
+            summary["noise_scale_b_simple"] = self.sched.noise.b_simple
         if self.recipe.export_hf:
             summary["exported_to"] = str(self.export(self.out / "final_model"))
         if self.rank == 0:
@@ -390,7 +240,7 @@ class Trainer:
             say(f"dsgrow {__version__}: stage {self.stage.index + 1}/{len(self.stages)}: {self.spec.family} "
                 f"{self.spec.layers}x{self.spec.hidden} ({self.spec.n_params(True) / 1e6:.2f}M params), "
                 f"vocab {self.spec.vocab_size}, ZeRO-{self.zero_stage}, {self.world} rank(s), {self.precision}, "
-                f"{t.tokens:,} tokens, batch {self.schedule!r}"
+                f"{t.tokens:,} tokens, batch {self.sched!r}"
                 + (f", resumed at step {self.step}" if self.resume_state is not None and not self.growth_done else ""))
         if self.step == 0:
             self.last_val = self.evaluate()
@@ -399,13 +249,13 @@ class Trainer:
         window_steps, window_t0, window_tok0 = 0, time.perf_counter(), self.tokens
         train_loss = float("nan")
         while True:
-            batch = self.batch_for_next_step()
+            batch = self.sched.batch_for_next_step(self.stage_tokens)
             step_tokens = batch * t.seq_len
             if self.stage_tokens + step_tokens > t.tokens:
                 break  # the budget is never overrun: the stage ends at the last step that fits
-            lr = self.lr_for_step(batch)
+            lr = self.sched.lr_for_step(self.stage_tokens, batch)
             set_lr(self.engine, lr)
-            measure = self.noise is not None and (self.step + 1) % t.noise_scale_every == 0
+            measure = self.sched.noise is not None and (self.step + 1) % t.noise_scale_every == 0
             loss = self.train_step(batch, measure_noise=measure)
             prev = self.stage_tokens
             self.tokens += step_tokens
@@ -415,9 +265,8 @@ class Trainer:
             window_steps += 1
             if bar is not None:
                 bar.update(step_tokens)
-            if self.adaptive and self.step % int(t.adaptive_batch.get("every", 10)) == 0:
-                self.batch = self.adaptive.propose(self.noise.b_simple, self.batch)
-            last = self.stage_tokens + self.batch_for_next_step() * t.seq_len > t.tokens
+            self.sched.after_step(self.step)
+            last = self.stage_tokens + self.sched.batch_for_next_step(self.stage_tokens) * t.seq_len > t.tokens
             if self.step % t.log_every == 0 or last:
                 # Only the logged step's loss is synchronised: a per-step all-reduce costs speed.
                 train_loss = all_mean(float(window_loss) / window_steps)
@@ -526,8 +375,7 @@ class Trainer:
     def save(self, elapsed: float, tag: Optional[str] = None) -> None:
         from .engine import checkpoint as ckpt
 
-        state = {"tokens": self.tokens, "step": self.step, "stream": self.stream.state_dict(), "batch": self.batch,
-                 "noise_scale": self.noise.state_dict() if self.noise is not None else None,
+        state = {"tokens": self.tokens, "step": self.step, "stream": self.stream.state_dict(), **self.sched.state_dict(),
                  "wall_time": self.wall_before + elapsed, "val_loss": self.last_val,
                  "world_size": self.world, "zero_stage": self.zero_stage, "recipe": self.recipe.to_dict(),
                  "spec": self.spec.to_dict(), "dsgrow_version": __version__, "stage": self.stage.index,
@@ -545,41 +393,3 @@ class Trainer:
 
         destroy_engine(self.engine)
         self.engine = None
-
-
-def format_summary(s: dict) -> str:
-    lines = ["", "== dsgrow run summary ==",
-             f"model         {s['family']}, {s['params'] / 1e6:.2f}M params, ZeRO-{s['zero_stage']}, "
-             f"{s['world_size']} rank(s), {s['precision']}",
-             f"train loss    {s['train_loss']:.4f}",
-             f"val loss      {s['val_loss']:.4f}  (ppl {math.exp(min(s['val_loss'], 50)):.1f})",
-             f"tokens        {s['tokens']:,} in {s['steps']} steps"
-             + (f"  ({100 * s['budget_used']:.1f}% of the budget)" if "budget_used" in s else ""),
-             f"FLOPs         {s['flops']:.3e}",
-             f"tokens/s      {s['tokens_per_s']:,.0f}",
-             f"wall time     {s['wall_time_s']:.1f} s"]
-    if "exported_to" in s:
-        lines.append(f"HF model      {s['exported_to']}")
-    return "\n".join(lines)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`launchers/pretrain.py` and `dsgrow train` both land here."""
-    from .launch import load_run_recipe, pretrain_parser
-
-    args = pretrain_parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        recipe = load_run_recipe(args)
-        trainer = Trainer(recipe, args.ds_config, resume=args.resume)
-        trainer.run()
-        trainer.close()
-    except ValueError as e:  # ConfigError, SpecError, DataError, CheckpointError: one line, no traceback
-        if os.environ.get("DSGROW_TRACEBACK"):  # ... unless asked for (debugging a ValueError from a library)
-            raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"dsgrow: error: {e}", file=sys.stderr)
-        return 2
-    return 0

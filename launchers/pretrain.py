@@ -13,7 +13,7 @@ import sys
 # Run from a source checkout without installing: put the repository root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsgrow.train import main  # noqa: E402
+from dsgrow.launch import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

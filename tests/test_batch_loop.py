@@ -37,7 +37,7 @@ def reference_run(args: list[str], init_dir):
     from dsgrow.recipe import load_recipe
     from dsgrow.data import SampleStream
     from dsgrow.engine.runtime import param_groups
-    from dsgrow.train import prepare_data
+    from dsgrow.run.setup import prepare_data
 
     overrides = [a for a in args if a != "--set"]
     recipe = load_recipe(None, ["stages=null", "stages=null", *overrides])

@@ -97,7 +97,13 @@ class ModelSpec:
 
     @property
     def causal(self) -> bool:
+        """Next-token LM (gpt2, llama); BERT trains masked-LM."""
         return self.family != "bert"
+
+    @property
+    def learned_positions(self) -> bool:
+        """A position embedding table (gpt2, bert); llama's RoPE has none."""
+        return self.family != "llama"
 
     def with_vocab(self, vocab_size: int) -> "ModelSpec":
         return replace(self, vocab_size=vocab_size)

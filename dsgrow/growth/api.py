@@ -8,10 +8,11 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..families import ModelSpec, build_hf_model, from_canonical, to_canonical, validate_canonical
-from .fit import check_mask_token_id, fit_ligo, heldout_loss
+from .fit import check_mask_token_id, heldout_loss
 from .ligo import INITS
 from .ops import GrowthError, resolve_target
-from .registry import REGISTRY, get_method
+from .registry import REGISTRY, FitRequest, get_method
+from .stream import collect_stream
 from .registry import check_request as _check_request
 
 
@@ -74,18 +75,20 @@ def grow_canonical(spec_small: ModelSpec, canonical_small: dict, spec_large, met
         info["loss_small"] = evaluate(spec_small, canonical_small)
     t0 = time.perf_counter()
     entry = get_method(method)
-    if entry.fits:  # a learned operator: its held-out loss before and after the fit, when asked
-        op, fopts = entry.make_operator(spec_small, canonical_small, spec_large, opts)
+
+    def before_fit(op) -> None:  # a learned operator: its size, and its starting point's loss if asked
         info["operator_params"] = sum(p.numel() for p in op.parameters())
         if eval_data is not None:
-            info["loss_grown_init"] = evaluate(spec_large, op.materialize())
-        if fit_steps > 0:
-            info["fit"] = dataclasses.asdict(fit_ligo(op, data, fit_steps, **mlm, **fopts))
-        out = op.materialize()
-    else:
-        with torch.no_grad():
-            out = entry.build(spec_small, canonical_small, spec_large, **opts)
-        out = {k: t.detach().contiguous() for k, t in out.items()}
+            with torch.no_grad():
+                info["loss_grown_init"] = evaluate(spec_large, op.materialize())
+
+    # The same streamed builder the sharded growth of a live engine writes from (growth/registry.py).
+    fit = FitRequest(fit_steps, data, mlm_fn=mlm_fn, mask_token_id=mask_token_id, before_fit=before_fit)
+    built = entry.stream(spec_small, canonical_small, spec_large, opts, fit)
+    if built.fit is not None:
+        info["fit"] = dataclasses.asdict(built.fit)
+    out = collect_stream(spec_large, built.stream)
+    del built
     info["grow_wall_s"] = time.perf_counter() - t0
     validate_canonical(spec_large, out)
     if eval_data is not None:

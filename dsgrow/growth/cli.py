@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .api import check_request, grow_canonical, method_options
+    from .registry import get_method
     from .cards import CARDS
     from .ops import fmt_size, resolve_target
 
@@ -170,15 +171,15 @@ def _run(args: argparse.Namespace) -> int:
             raise GrowthError(f"--opt {kv!r}: expected KEY=VALUE")
         k, v = kv.split("=", 1)
         opts[k.strip().replace("-", "_")] = yaml.safe_load(v)
-    ligo = args.method == "ligo"
+    fits = get_method(args.method).fits  # a method that learns (ligo): fit options and --data apply
     for name, val in (("init", args.init), ("lr", args.lr), ("batch_size", args.batch_size)):
         if val is not None:
-            if not ligo:
+            if name not in method_options(args.method):
                 raise GrowthError(f"--{name.replace('_', '-')} is a LiGO option; {args.method} does not take it")
             opts[name] = val
     if "seed" in method_options(args.method):
         opts.setdefault("seed", args.seed)
-    fit_steps = args.fit_steps if ligo else 0
+    fit_steps = args.fit_steps if fits else 0
     if args.fit_steps < 0:
         raise GrowthError(f"--fit-steps must be >= 0, got {args.fit_steps}")
 
@@ -188,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
     target = resolve_target(spec, _load_target(args.target))
     tokenizer = src_tokenizer(args.src)
     mask_id, mlm_fn = args.mask_token_id, None
-    if spec.family == "bert" and mask_id is None:
+    if not spec.causal and mask_id is None:
         if tokenizer is not None and hasattr(tokenizer, "special_ids"):  # dsgrow's own: its masking rules
             from ..data import mlm_mask
 
@@ -199,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             raise GrowthError("BERT needs --mask-token-id (the src directory has no tokenizer with a mask token)")
     check_request(spec, target, args.method, fit_steps, mask_id, **opts)
-    if ligo and fit_steps and not args.data:
+    if fits and fit_steps and not args.data:
         raise GrowthError("--data is needed to fit LiGO (or pass --fit-steps 0)")
 
     train = val = None
@@ -209,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
             val = val[:args.eval_blocks]
     print(f"small : {fmt_size(spec)}  ({args.src})")
     print(f"target: {fmt_size(target)}  method {args.method}" + (f" {opts}" if opts else ""))
-    if ligo and fit_steps:
+    if fits and fit_steps:
         opts.setdefault("log_every", max(1, fit_steps // 5))
     large, info = grow_canonical(spec, canonical, target, args.method, data=train, fit_steps=fit_steps,
                                  eval_data=val, mlm_fn=mlm_fn, mask_token_id=mask_id, return_info=True,
@@ -223,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
                   f"{f['wall_s']:.1f} s, {_fmt_flops(f['flops'])} FLOPs)")
         else:
             print("held-out loss, grown after fitting  : n/a (" +
-                  ("--fit-steps 0" if ligo else f"{args.method} has no fitting step") + ")")
+                  ("--fit-steps 0" if fits else f"{args.method} has no fitting step") + ")")
     tok_dir = args.src if _has_tokenizer(args.src) else None
     save_hf_dir(target, large, args.out, tokenizer_dir=tok_dir)
     print(f"wrote {args.out}" + ("" if tok_dir else " (no tokenizer in --src to copy)"))

@@ -417,7 +417,7 @@ def check_growth(small: ModelSpec, large: ModelSpec, method: str = "", copy_head
                        ("ffn", small.ffn_dim, large.ffn_dim)):
         if b < a:
             raise GrowthError(f"cannot shrink {name}: {a} -> {b}")
-    if small.family != "llama" and small.max_seq_len != large.max_seq_len:
+    if small.learned_positions and small.max_seq_len != large.max_seq_len:
         raise GrowthError(f"max_seq_len must stay {small.max_seq_len} ({small.family} learns its positions), "
                           f"target has {large.max_seq_len}")
     for name in ("tied", "eps", "rope_theta"):

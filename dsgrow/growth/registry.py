@@ -44,6 +44,8 @@ class FitRequest:
     mask_token_id: Optional[int] = None
     on_fitted: Optional[Callable[[Any], None]] = None
     """Called with the fitted operator (e.g. to save it) before the large model is made."""
+    before_fit: Optional[Callable[[Any], None]] = None
+    """Called with the operator before its fit (e.g. to score its starting point)."""
 
 
 @dataclass
@@ -170,6 +172,8 @@ def _ligo_stream(small: ModelSpec, canonical: dict, large: ModelSpec, opts: dict
     if fit.device is not None:
         op = op.to(fit.device)
     report = None
+    if fit.before_fit is not None:
+        fit.before_fit(op)
     if fit.steps:
         if fit.data is None:
             raise GrowthError("ligo: fit_steps > 0 needs data")

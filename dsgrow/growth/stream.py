@@ -19,13 +19,26 @@ from .fit import _layer_list, one_block_hf
 from .ops import GrowthError
 
 
-def _hf_block_names(spec: ModelSpec) -> str:
-    """The dotted name of the HF model's list of blocks ("transformer.h", "model.layers", ...),
-    read off a model built on the meta device (no memory)."""
+def _meta_model(spec: ModelSpec):
+    """The HF model of `spec` on the meta device (names and shapes, no memory)."""
     with torch.device("meta"):
-        model = hf_model_class(spec).from_config(spec.to_hf_config())
-    name, _ = _layer_list(model, spec.layers)
+        return hf_model_class(spec).from_config(spec.to_hf_config())
+
+
+def _hf_block_names(spec: ModelSpec) -> str:
+    """The dotted name of the HF model's list of blocks ("transformer.h", "model.layers", ...)."""
+    name, _ = _layer_list(_meta_model(spec), spec.layers)
     return name
+
+
+def collect_stream(spec: ModelSpec, stream) -> dict:
+    """The whole large canonical dict from a LayerStream (one process, e.g. `grow` and the offline
+    `dsgrow grow`): every HF parameter asked in the model's order, as a sharded write asks them.
+    The tensors are fresh copies, never views of the small model's."""
+    from ..families import to_canonical
+
+    names = [n for n, _ in _meta_model(spec).named_parameters()]
+    return to_canonical(spec, {n: stream(n).detach().clone() for n in names})
 
 
 class LayerStream:

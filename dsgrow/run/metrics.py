@@ -1,0 +1,53 @@
+"""Run metrics: tensorboard scalars and a JSONL line per record (rank 0), and the final summary."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLog:
+    """Tensorboard scalars and a JSONL line per record, rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.tb = None
+        self.jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.jsonl = open(out / "metrics.jsonl", "a")
+
+    def log(self, record: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        record = {**record, "elapsed_s": round(time.perf_counter() - self.t0, 3)}  # this process's clock
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def format_summary(s: dict) -> str:
+    lines = ["", "== dsgrow run summary ==",
+             f"model         {s['family']}, {s['params'] / 1e6:.2f}M params, ZeRO-{s['zero_stage']}, "
+             f"{s['world_size']} rank(s), {s['precision']}",
+             f"train loss    {s['train_loss']:.4f}",
+             f"val loss      {s['val_loss']:.4f}  (ppl {math.exp(min(s['val_loss'], 50)):.1f})",
+             f"tokens        {s['tokens']:,} in {s['steps']} steps"
+             + (f"  ({100 * s['budget_used']:.1f}% of the budget)" if "budget_used" in s else ""),
+             f"FLOPs         {s['flops']:.3e}",
+             f"tokens/s      {s['tokens_per_s']:,.0f}",
+             f"wall time     {s['wall_time_s']:.1f} s"]
+    if "exported_to" in s:
+        lines.append(f"HF model      {s['exported_to']}")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""What a run needs before its first step: the data (tokenizer and packed blocks, built once on
+rank 0 and read from the cache elsewhere) and the checks that a resume or an `init_from` model
+belongs to this recipe."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from ..families.spec import ModelSpec
+from ..recipe import Recipe
+
+# Fields that may change when a run is resumed; anything else would silently train another run.
+RESUMABLE_CHANGES = {"name", "out", "export_hf", "train.eval_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.log_every"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSGROW_CACHE_DIR", Path.home() / ".cache" / "dsgrow"))
+
+
+@dataclass
+class Data:
+    tokenizer: object
+    train: torch.Tensor
+    val: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+def prepare_data(recipe: Recipe, rank: int) -> Data:
+    """Rank 0 trains the tokenizer and packs the blocks into the cache; the other ranks then read
+    the cache. An error on rank 0 is sent to every rank so that all stop with the same line."""
+    from ..data import build_blocks, load_documents, train_or_load_tokenizer
+    from ..engine.runtime import barrier, broadcast_object
+
+    d, t = recipe.data, recipe.train
+
+    def build() -> Data:
+        docs = load_documents(d.source, d.paths)
+        tok = train_or_load_tokenizer(docs, d.vocab_size, cache_dir() / "tokenizers", model_type=d.tokenizer_type,
+                                      seed=t.seed)
+        train, val, info = build_blocks(docs, tok, t.seq_len, d.val_fraction, t.seed, cache_dir() / "blocks")
+        return Data(tok, train, val, info)
+
+    err, data = None, None
+    if rank == 0:
+        try:
+            data = build()
+        except (ValueError, FileNotFoundError) as e:
+            err = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+    err = broadcast_object(err)
+    if err:
+        raise ConfigError(err)
+    barrier()
+    if data is None:
+        data = build()  # a cache hit on every rank but 0
+    need = t.eval_samples
+    if len(data.val) < need:
+        raise ConfigError(f"train.eval_samples ({need}) exceeds the validation split's {len(data.val)} blocks "
+                          f"of {t.seq_len} tokens (lower it, or raise data.val_fraction)")
+    return data
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_recipe(saved: dict, current: dict) -> None:
+    a, b = _flat(saved), _flat(current)
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES or key.startswith("model.vocab_size"):
+            continue
+        if a.get(key) != b.get(key):
+            raise ConfigError(f"--resume: recipe field {key} is {b.get(key)!r} but the checkpoint was trained with "
+                              f"{a.get(key)!r}")
+
+
+def check_init_from(path: str, spec: ModelSpec) -> None:
+    """train.init_from must hold exactly the recipe's model (vocabulary included)."""
+    import transformers as tf
+
+    theirs = ModelSpec.from_hf_config(tf.AutoConfig.from_pretrained(path, local_files_only=True))
+    ours = ModelSpec.from_hf_config(spec.to_hf_config())  # defaults (ffn, eps, tying) made explicit
+    if theirs != ours:
+        diff = {k: (v, ours.to_dict()[k]) for k, v in theirs.to_dict().items() if ours.to_dict().get(k) != v}
+        raise ConfigError(f"train.init_from: {path} holds another model than the recipe's "
+                          f"(field: theirs, recipe's) {diff}")
