@@ -6,26 +6,10 @@ complete.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
-
-
-@contextmanager
-def _no_zero_init():
-    """Build a plain CPU model even while a HfDeepSpeedConfig is alive (the HF Trainer keeps one):
-    otherwise `from_config` on rank 0 alone would enter zero.Init, a collective no other rank joins."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    live = hf_ds._hf_deepspeed_config_weak_ref() if hf_ds._hf_deepspeed_config_weak_ref is not None else None
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if live is not None:
-            hf_ds.set_hf_deepspeed_config(live)
 
 
 def export_hf(engine, dest, tokenizer=None) -> Path:
@@ -33,12 +17,12 @@ def export_hf(engine, dest, tokenizer=None) -> Path:
 
     `tokenizer`: anything with `save_pretrained` or `save_hf` (dsgrow's own), saved beside it."""
     from ..fileio import write_dir_atomically
-    from .runtime import barrier, gather_fp32_state_dict, rank_world
+    from .runtime import barrier, gather_fp32_state_dict, hf_zero_init, rank_world
 
     dest = Path(dest)
     sd = gather_fp32_state_dict(engine)
     if rank_world()[0] == 0:
-        with _no_zero_init():
+        with hf_zero_init(None):  # a plain CPU model, even while a ZeRO-3 config is alive
             model = type(engine.module)._from_config(engine.module.config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or [])

@@ -9,7 +9,7 @@ import gc
 import os
 import socket
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
@@ -110,8 +110,6 @@ def build_model(spec: ModelSpec, ds_cfg: dict, seed: int, init_from: Optional[st
     module before partitioning it. The init draws from its own RNG stream (`seed`): the caller's
     RNG state is left as it was, so a user's loop is not perturbed by a growth.
     """
-    from transformers.integrations import deepspeed as hf_ds
-
     zero3 = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3
     cfg = hf_config if hf_config is not None else spec.to_hf_config()
 
@@ -124,23 +122,30 @@ def build_model(spec: ModelSpec, ds_cfg: dict, seed: int, init_from: Optional[st
         return hf_model_class(spec).from_config(cfg)
 
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    # A config a caller keeps alive (the HF Trainer's TrainingArguments) is put back afterwards.
+    with torch.random.fork_rng(devices=devices), hf_zero_init(ds_cfg if zero3 else None):
+        torch.manual_seed(seed)  # every rank builds the same initial weights
+        return build()
+
+
+@contextmanager
+def hf_zero_init(ds_cfg: Optional[dict]):
+    """transformers builds every model under zero.Init while a ZeRO-3 HfDeepSpeedConfig is alive.
+    Inside: `ds_cfg`'s (None: no config, a plain model). After: whatever was alive before (the HF
+    Trainer's TrainingArguments keep one). Left set, a later `from_config` on rank 0 alone (an
+    export, a CPU copy) would enter zero.Init, a collective the other ranks never join."""
+    from transformers.integrations import deepspeed as hf_ds
+
     ref = hf_ds._hf_deepspeed_config_weak_ref
     live = ref() if ref is not None else None
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)  # every rank builds the same initial weights
-        hf_cfg = hf_ds.HfDeepSpeedConfig(ds_cfg) if zero3 else None  # transformers holds a weak reference
-        if not zero3:
-            hf_ds.unset_hf_deepspeed_config()
-        try:
-            return build()
-        finally:
-            # Left set, every later `from_config` in this process (the rank-0 export, a plain
-            # CPU copy) would also enter zero.Init, a collective the other ranks never join.
-            del hf_cfg
-            hf_ds.unset_hf_deepspeed_config()
-            if live is not None:
-                hf_ds.set_hf_deepspeed_config(live)
+    hf_ds.unset_hf_deepspeed_config()
+    mine = hf_ds.HfDeepSpeedConfig(ds_cfg) if ds_cfg is not None else None  # transformers keeps a weak ref
+    try:
+        yield
+    finally:
+        del mine
+        hf_ds.unset_hf_deepspeed_config()
+        if live is not None:
+            hf_ds.set_hf_deepspeed_config(live)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
