@@ -458,7 +458,7 @@ def test_layer_stream_is_bitwise_the_materialised_model(family, extra):
     for n in names:
         assert torch.equal(stream(n), ref[n]), n
     assert stream.layers_made == large.layers  # in the model's order each layer is made once
-    fpi = grow_canonical(spec, small, large, "fpi")
+    fpi = REGISTRY["fpi"].build(spec, small, large)  # the whole dict in one go
     ref, stream = from_canonical(large, fpi), canonical_stream(large, fpi)
     assert all(torch.equal(stream(n), ref[n]) for n in names)
     with pytest.raises(GrowthError, match="no tensor"):
@@ -473,13 +473,13 @@ def test_closed_form_streams_equal_the_whole_dict(family, extra, method, opts):
     """A closed-form growth written one large layer at a time (reading only the small layers that
     layer's plan row names) has the values of the whole-dict growth, and makes each layer once."""
     from dsgrow.families import from_canonical
-    from dsgrow.growth.stream import fixed_stream
 
     spec = ModelSpec(family=family, layers=2, hidden=64, heads=4, vocab_size=100, max_seq_len=32, **extra)
     small = to_canonical(spec, random_model(spec).state_dict())
     large = resolve_target(spec, {"layers": 4, "hidden": 128})
-    ref = from_canonical(large, grow_canonical(spec, small, large, method, **opts))
-    stream = fixed_stream(spec, small, large, method, **opts)
+    with torch.no_grad():  # the whole dict in one go, as the method's plain function makes it
+        ref = from_canonical(large, REGISTRY[method].build(spec, small, large, **opts))
+    stream = REGISTRY[method].stream(spec, small, large, opts).stream
     names = [n for n, _ in build_hf_model(large).named_parameters()]
     for n in names:
         assert torch.equal(stream(n), ref[n]), n

@@ -117,6 +117,18 @@ def test_grow_engine_preflight_and_rebuild(tmp_path, stage):
     assert c["sched_after"] == c["sched_before"]  # the scheduler at its position, the LR where it was
     assert c["global_steps"] == [4, 4]
     assert c["trains"][-1] < c["trains"][0]
+    # LLaMA with GQA (the kv groups grow with the heads) and BERT, as transformers builds them.
+    llama, bert = r["families"]["llama"], r["families"]["bert"]
+    assert llama["kv_heads"] == 4 and llama["layers"] == 4 and bert["layers"] == 3
+    assert llama["loss_after"] == pytest.approx(llama["loss_before"], abs=1e-5)
+    assert bert["loss_after"] == pytest.approx(bert["loss_before"], abs=1e-3)  # new post-LN layers: up to eps
+    assert llama["trains"][-1] < llama["trains"][0] and bert["trains"][-1] < bert["trains"][0]
+    if stage == 3:  # DeepSpeed's CPU Adam (optimizer offload), rebuilt from the ds_config
+        o = r["offload"]
+        assert o["optimizer"]["class"] == "DeepSpeedCPUAdam"
+        assert [g["weight_decay"] for g in o["optimizer"]["groups"]] == [0.1, 0.0]
+        assert o["loss_after"] == pytest.approx(o["loss_before"], abs=1e-5)
+        assert o["trains"][-1] < o["trains"][0]
 
 
 def test_hf_trainer_route_two_ranks(tmp_path):

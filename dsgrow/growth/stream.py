@@ -120,11 +120,3 @@ def canonical_stream(spec: ModelSpec, large: dict) -> LayerStream:
 def fixed_layer_stream(spec_large: ModelSpec, fixed) -> LayerStream:
     """A closed-form method's large model (depth.FixedGrowth) one large layer at a time."""
     return LayerStream(spec_large, fixed.glob, lambda i: _contiguous(fixed.layer(i)))
-
-
-def fixed_stream(spec_small: ModelSpec, small: dict, spec_large: ModelSpec, method: str, **opts) -> LayerStream:
-    """Any registered method's large model, one layer at a time where the method can make it so
-    (LiGO unfitted); the request is checked first."""
-    from .registry import check_request
-
-    return check_request(spec_small, spec_large, method, **opts).stream(spec_small, small, spec_large, opts).stream

@@ -96,3 +96,5 @@ for step in range(args.steps):
     engine.backward(loss)
     engine.step()
     log(step=step, loss=float(loss), layers=engine.module.config.n_layer)
+engine.destroy()
+torch.distributed.destroy_process_group()

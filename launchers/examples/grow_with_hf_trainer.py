@@ -86,3 +86,6 @@ if trainer2.is_world_process_zero():
         with open(args.report, "w") as f:
             json.dump({"before": before, "grown": start, "after": after, "report": report.to_dict(),
                        "layers": trainer2.model.config.n_layer}, f)
+# Leave the process group before the interpreter tears down its threads (gloo's otherwise may abort).
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()

@@ -162,7 +162,39 @@ config_grown = {"optimizer": groups_of(new2), "sched_before": sched_before,
                 "global_steps": (4, new2.global_steps), "loss_before": report2.loss_before,
                 "loss_after": report2.loss_after, "trains": train(new2, 3)}
 
+# The other families, as a user builds them with transformers: LLaMA with GQA (kv groups kept) and
+# BERT (post-LN: FPI's new identity layers are exact up to LayerNorm eps), each trained, grown, trained.
+def llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=SEQ, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None))
+
+
+families = {}
+for name, make, target in (("llama", lambda: user_engine(llama()), {"layers": 4, "hidden": 64}),
+                           ("bert", bert_engine, {"layers": 3, "hidden": 64})):
+    eng = make()
+    train(eng, 2)
+    eng, rep = grow(eng, target, "fpi", eval_batch=batch)
+    families[name] = {"loss_before": rep.loss_before, "loss_after": rep.loss_after, "trains": train(eng, 4),
+                      "kv_heads": getattr(eng.module.config, "num_key_value_heads", None),
+                      "layers": eng.module.config.num_hidden_layers}
+
+# DeepSpeed's own CPU Adam (ZeRO-3 with the optimizer offloaded), built again from the ds_config.
+offload = None
+if stage == 3:
+    cfg = config(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}})
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    model = gpt2()
+    eng3 = deepspeed.initialize(model=model, model_parameters=split(model), config=cfg)[0]
+    train(eng3, 2)
+    new3, rep3 = grow(eng3, {"layers": 4}, "fpi", eval_batch=batch)
+    offload = {"optimizer": groups_of(new3), "loss_before": rep3.loss_before, "loss_after": rep3.loss_after,
+               "trains": train(new3, 4)}
+
 if rank == 0:
     with open(out_path, "w") as f:
         json.dump({"errors": errors, "untouched": untouched, "still_trains": still_trains,
-                   "user_grown": user_grown, "config_grown": config_grown}, f, indent=1)
+                   "user_grown": user_grown, "config_grown": config_grown, "families": families,
+                   "offload": offload}, f, indent=1)
