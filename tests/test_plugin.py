@@ -53,13 +53,17 @@ def offline_grow(tmp_path, method: str, *extra: str) -> dict:
     return load_file(str(out / "model.safetensors"))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_user_loop_grows_mid_run_function_preserved(tmp_path, stage):
-    growth, steps = run_loop(tmp_path, stage)
+@pytest.mark.parametrize("stage,optimizer", [(1, "reset"), (2, "transfer"), (3, "reset")])
+def test_user_loop_grows_mid_run_function_preserved(tmp_path, stage, optimizer):
+    growth, steps = run_loop(tmp_path, stage, "--optimizer_state", optimizer)
     # FPI through the live engine swap: the same loss on a fixed held-out batch, fp32.
     assert growth["loss_after"] == pytest.approx(growth["loss_before"], abs=1e-5), growth
+    if optimizer == "transfer":  # Adam's step count (20 steps before the growth), read back from the new engine
+        assert growth["adam_step"] == 20 and growth["moments_written"] > 0 and "optimizer" in growth["phases"]
+    else:
+        assert growth["adam_step"] is None and "optimizer" not in growth["phases"]
     assert growth["large"]["layers"] == 4 and growth["large"]["hidden"] == 128 and growth["world_size"] == 2
-    assert set(growth["phases"]) == {"gather", "fit", "write", "engine"}
+    assert {"gather", "fit", "write", "engine"} <= set(growth["phases"])
     assert all(len(p["host_peak_mib"]) == 2 for p in growth["phases"].values())  # every rank's memory
     after = [s["loss"] for s in steps if s["step"] >= 20]
     assert all(s["layers"] == 4 for s in steps if s["step"] >= 20)
@@ -71,19 +75,13 @@ def test_user_loop_grows_mid_run_function_preserved(tmp_path, stage):
     assert all(torch.equal(grown[k], ref[k]) for k in grown)
 
 
-def test_user_loop_ligo_equals_offline_build_and_transfer_carries_adam(tmp_path):
+def test_user_loop_ligo_equals_offline_build(tmp_path):
     # LiGO unfitted (its init is seeded, so the offline build can repeat it) under ZeRO-3.
     growth, _ = run_loop(tmp_path, 3, "--method", "ligo")
     grown = load_file(str(tmp_path / "m" / "grown" / "model.safetensors"))
     ref = offline_grow(tmp_path, "ligo")
     assert max((grown[k] - ref[k]).abs().max().item() for k in grown) <= 1e-6
     assert growth["operator_bytes"] > 0
-    # optimizer="transfer" under ZeRO-2: Adam's step count (20 steps before the growth) is in the
-    # new engine's optimizer state, and the function is still preserved.
-    growth, steps = run_loop(tmp_path / "t", 2, "--optimizer_state", "transfer")
-    assert growth["adam_step"] == 20 and growth["moments_written"] > 0
-    assert growth["loss_after"] == pytest.approx(growth["loss_before"], abs=1e-5)
-    assert "optimizer" in growth["phases"]
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -95,7 +93,9 @@ def test_grow_engine_preflight_and_rebuild(tmp_path, stage):
     r = json.loads(out.read_text())
     needles = {"unknown_family": "model_type 'opt'", "not_hf": "not a Hugging Face", "other_head": "GPT2Model",
                "shrink": "cannot shrink layers", "method_cannot": "integer multiples", "unknown_method": "magic",
-               "unknown_option": "noise_level", "fit_without_data": "fit_data", "transfer_not_preserving": "stack",
+               "unknown_option": "noise_level", "fit_without_data": "fit_data",
+               "fit_data_not_inputs": "input_ids", "bert_fit_without_labels": "MLM labels",
+               "transfer_not_preserving": "stack",
                "transfer_bert": "bert", "transfer_sgd": "SGD", "bad_optimizer_mode": "keep", "pipeline": "pipeline"}
     for name, needle in needles.items():
         msg = r["errors"][name]

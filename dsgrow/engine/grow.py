@@ -96,6 +96,23 @@ def resolve_any_target(small: ModelSpec, target) -> ModelSpec:
     return resolve_target(small, target)
 
 
+def check_fit_data(small: ModelSpec, data, mlm_fn, mask_token_id, method: str) -> None:
+    """What can be checked of the fit's data without consuming it: there is some, and a first batch
+    of a list (or a tensor of blocks) is model input the fit can use (BERT: labels or a masker)."""
+    from ..growth.fit import _with_labels, make_masker
+
+    if data is None:
+        raise GrowthError(f"{method}: fit_steps > 0 needs fit_data")
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.dtype != torch.long:
+            raise GrowthError(f"fit_data: expected a LongTensor [N, T] of token blocks, got {data.dtype} {list(data.shape)}")
+        return
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise GrowthError("fit_data: the list is empty")
+        _with_labels(data[0], small, make_masker(small, mlm_fn, mask_token_id), 0, "fit_data")
+
+
 def _loss(engine, batch: Optional[dict]) -> Optional[float]:
     """The engine's loss on `batch` in eval mode (rank mean); a collective under ZeRO-3."""
     if batch is None:
@@ -151,8 +168,8 @@ def grow_engine(engine, target, method: str = "ligo", *, fit_steps: int = 0, fit
     small = small_spec_of(engine.module)
     large = resolve_any_target(small, target)
     entry = check_request(small, large, method, fit_steps, **options)
-    if fit_steps and fit_data is None:
-        raise GrowthError(f"{method}: fit_steps={fit_steps} needs fit_data")
+    if fit_steps:
+        check_fit_data(small, fit_data, mlm_fn, mask_token_id, method)
     if optimizer not in OPTIMIZER_MODES:
         raise GrowthError(f"optimizer must be one of {', '.join(OPTIMIZER_MODES)}, got {optimizer!r}")
     transfer = optimizer == "transfer"
@@ -162,7 +179,12 @@ def grow_engine(engine, target, method: str = "ligo", *, fit_steps: int = 0, fit
         if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
             raise GrowthError(f"optimizer: transfer moves the moments of torch Adam/AdamW; the engine's optimizer "
                               f"is {type(base).__name__}: use optimizer='reset'")
+        if build_engine is keep_model:
+            raise GrowthError("optimizer: transfer writes Adam's state into the new engine; build_engine=keep_model "
+                              "builds none: use optimizer='reset'")
     recipe = capture(engine, lr_scheduler) if build_engine is None else None
+    if recipe is not None and ds_config is not None:
+        recipe.ds_config = copy.deepcopy(ds_config)
     ds_cfg = ds_config if ds_config is not None else copy.deepcopy(engine._config._param_dict)
     hf_cfg = large_hf_config(engine.module.config, small, large)
     # Both sides through from_hf_config: defaults (tying, eps) made explicit the same way.
