@@ -6,7 +6,7 @@
 
 For each size pair (GPT-2, small -> large, LiGO width + depth, a few fit steps) and world size,
 a real two-stage run of launchers/pretrain.py under ZeRO-3 with partitioning on
-(stage3_param_persistence_threshold 0) and the growth event it logs (dsgrow/train.py _grow):
+(stage3_param_persistence_threshold 0) and the growth event it logs (dsgrow/train.py _grow, through dsgrow.grow_engine):
 
 - gather: the small fp32 weights onto every rank, the old engine freed;
 - fit:    the LiGO operator fitted data-parallel (activations of the large model included);
