@@ -182,6 +182,12 @@ def grow_engine(engine, target, method: str = "ligo", *, fit_steps: int = 0, fit
         if build_engine is keep_model:
             raise GrowthError("optimizer: transfer writes Adam's state into the new engine; build_engine=keep_model "
                               "builds none: use optimizer='reset'")
+        from .optim_state import _flat_partitions
+
+        try:  # the new engine's optimizer wrapper is the old one's kind: its state layout must be known
+            _flat_partitions(engine)
+        except ValueError as e:
+            raise GrowthError(str(e)) from None
     recipe = capture(engine, lr_scheduler) if build_engine is None else None
     if recipe is not None and ds_config is not None:
         recipe.ds_config = copy.deepcopy(ds_config)
