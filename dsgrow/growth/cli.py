@@ -150,12 +150,13 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .api import check_request, grow_canonical, method_options
     from .registry import get_method
-    from .cards import CARDS
     from .ops import fmt_size, resolve_target
 
     if args.list_methods:
-        for name, card in CARDS.items():
-            print(f"{name}:\n  {card}\n")
+        from .registry import REGISTRY
+
+        for name, entry in REGISTRY.items():
+            print(f"{name}:\n  {entry.card}\n")
         return 0
     for flag in ("src", "target", "out"):
         if not getattr(args, flag):
