@@ -120,7 +120,9 @@ def test_import_dsgrow_does_not_import_deepspeed():
     import subprocess
     import sys
 
-    code = ("import sys, dsgrow, dsgrow.config, dsgrow.families, dsgrow.schedules.flops, dsgrow.train, dsgrow.cli; "
+    code = ("import sys, dsgrow, dsgrow.config, dsgrow.recipe, dsgrow.launch, dsgrow.multinode, dsgrow.families, "
+            "dsgrow.schedules.flops, dsgrow.train, dsgrow.cli, dsgrow.growth, dsgrow.hf_trainer; "
+            "dsgrow.grow_engine, dsgrow.GrowthSchedule, dsgrow.GrowthReport; "
             "assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
