@@ -96,5 +96,7 @@ for step in range(args.steps):
     engine.backward(loss)
     engine.step()
     log(step=step, loss=float(loss), layers=engine.module.config.n_layer)
+# Every rank done with its collectives before any leaves the process group (gloo aborts otherwise).
+torch.distributed.barrier()
 engine.destroy()
 torch.distributed.destroy_process_group()
