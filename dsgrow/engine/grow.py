@@ -157,7 +157,8 @@ def grow_engine(engine, target, method: str = "ligo", *, fit_steps: int = 0, fit
       operator), "fitted" (after the fit, before the write) - for exports and crash tests.
     """
     from .grow_io import all_reduce_mean_, write_weights
-    from .rebuild import base_optimizer, capture
+    from .optim_state import check_supported
+    from .rebuild import capture
     from .runtime import all_gather_object, build_model, destroy_engine, gather_fp32_state_dict, rank_world
 
     t0 = time.perf_counter()
@@ -175,19 +176,13 @@ def grow_engine(engine, target, method: str = "ligo", *, fit_steps: int = 0, fit
     transfer = optimizer == "transfer"
     if transfer:
         check_transfer(small, large, method, options)
-        base = base_optimizer(engine)
-        if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
-            raise GrowthError(f"optimizer: transfer moves the moments of torch Adam/AdamW; the engine's optimizer "
-                              f"is {type(base).__name__}: use optimizer='reset'")
+        try:
+            check_supported(engine)  # Adam's state, in a ZeRO wrapper whose layout is known
+        except ValueError as e:
+            raise GrowthError(f"optimizer: {e}; use optimizer='reset'") from None
         if build_engine is keep_model:
             raise GrowthError("optimizer: transfer writes Adam's state into the new engine; build_engine=keep_model "
                               "builds none: use optimizer='reset'")
-        from .optim_state import _flat_partitions
-
-        try:  # the new engine's optimizer wrapper is the old one's kind: its state layout must be known
-            _flat_partitions(engine)
-        except ValueError as e:
-            raise GrowthError(str(e)) from None
     recipe = capture(engine, lr_scheduler) if build_engine is None else None
     if recipe is not None and ds_config is not None:
         recipe.ds_config = copy.deepcopy(ds_config)

@@ -25,7 +25,7 @@ from .grow_io import rank_slice, rank_world
 KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _base_optimizer(engine):
+def base_optimizer(engine):
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer; stage 0 does not
 
@@ -44,9 +44,11 @@ def _flat_partitions(engine) -> list:
 
 
 def check_supported(engine) -> None:
-    base = _base_optimizer(engine)
+    """ValueError unless Adam's state of this engine (and of a new one built alike) can be written."""
+    base = base_optimizer(engine)
     if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
         raise ValueError(f"optimizer transfer supports torch Adam/AdamW, the engine has {type(base).__name__}")
+    _flat_partitions(engine)  # a ZeRO wrapper whose state layout is known
 
 
 def _link_fragments(engine) -> None:
@@ -64,7 +66,7 @@ def _link_fragments(engine) -> None:
 
 def step_count(engine) -> int:
     """Adam's step count (the same for every parameter: all are updated every step)."""
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     steps = {int(base.state[p]["step"]) for p in _flat_partitions(engine) if "step" in base.state.get(p, {})}
     if len(steps) != 1:
         raise ValueError(f"optimizer state has step counts {sorted(steps)}; expected one")
@@ -84,7 +86,7 @@ def gather_moments(engine) -> dict:
         for key in KEYS:
             full = safe_get_full_optimizer_state(p, key)
             if full is None:  # no ZeRO: the torch optimizer's own state
-                full = _base_optimizer(engine).state[p][key]
+                full = base_optimizer(engine).state[p][key]
             out[key][name] = full.detach().to("cpu", torch.float32).clone()
     out["step"] = step_count(engine)
     return out
@@ -93,7 +95,7 @@ def gather_moments(engine) -> dict:
 def prime_adam_state(engine, step: int) -> None:
     """Adam's state on a fresh engine: zero moments and step count `step`, linked for the setters."""
     check_supported(engine)
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     for flat in _flat_partitions(engine):
         if base.state.get(flat):
             raise ValueError("the engine already has optimizer state; prime a fresh engine only")
@@ -109,7 +111,7 @@ def write_moments(engine, key: str, full: Callable[[str], torch.Tensor]) -> int:
     from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
 
     rank, _ = rank_world()
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     written = 0
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
@@ -131,4 +133,4 @@ def write_moments(engine, key: str, full: Callable[[str], torch.Tensor]) -> int:
     return written
 
 
-__all__ = ["KEYS", "gather_moments", "prime_adam_state", "write_moments", "step_count", "check_supported"]
+__all__ = ["KEYS", "gather_moments", "prime_adam_state", "write_moments", "step_count", "check_supported", "base_optimizer"]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..growth.ops import GrowthError
+from .optim_state import base_optimizer
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
@@ -43,11 +44,6 @@ def _original_groups(opt) -> list[tuple[int, list]]:
         if hasattr(opt, attr):
             return [(i, list(g)) for i, g in enumerate(getattr(opt, attr))]
     return [(i, list(g["params"])) for i, g in enumerate(opt.param_groups)]  # a plain torch optimizer
-
-
-def base_optimizer(engine):
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)  # ZeRO and the mixed-precision wrappers hold the torch one
 
 
 @dataclass
@@ -166,4 +162,4 @@ def capture(engine, lr_scheduler: Optional[Callable] = None) -> EngineRecipe:
                         sched, state, counters)
 
 
-__all__ = ["EngineRecipe", "capture", "name_pattern", "base_optimizer"]
+__all__ = ["EngineRecipe", "capture", "name_pattern"]

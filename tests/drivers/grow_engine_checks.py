@@ -15,7 +15,8 @@ import torch
 import transformers
 
 import dsgrow
-from dsgrow.engine.rebuild import _original_groups, base_optimizer
+from dsgrow.engine.optim_state import base_optimizer
+from dsgrow.engine.rebuild import _original_groups
 from dsgrow.engine.runtime import gather_fp32_state_dict, init_distributed
 from dsgrow.growth import GrowthError
 
