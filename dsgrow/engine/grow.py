@@ -30,7 +30,8 @@ import torch
 
 from ..families import ModelSpec, SpecError, hf_model_class, to_canonical
 from ..growth.moments import check_transfer
-from ..growth.ops import GrowthError, resolve_target
+from ..growth.api import resolve_any_target
+from ..growth.ops import GrowthError
 from ..growth.registry import FitRequest, check_request
 from ..growth.report import GrowthReport, merge_phases
 from ..memory import file_mib, phase, rss_mib, trim
@@ -75,25 +76,6 @@ def large_hf_config(user_cfg, small: ModelSpec, large: ModelSpec):
         if a.get(k) != v:
             setattr(cfg, k, v)
     return cfg
-
-
-def resolve_any_target(small: ModelSpec, target) -> ModelSpec:
-    """A dict of sizes, a ModelSpec, an HF config, or a local HF config dir / config.json."""
-    if isinstance(target, (str, os.PathLike)):
-        import transformers as tf
-
-        path = str(target)
-        if path.endswith("config.json"):
-            path = os.path.dirname(path) or "."
-        if not os.path.isdir(path):
-            raise GrowthError(f"target {target}: no such config directory")
-        target = tf.AutoConfig.from_pretrained(path, local_files_only=True)
-    if hasattr(target, "model_type") and hasattr(target, "to_dict"):
-        try:
-            target = ModelSpec.from_hf_config(target)
-        except SpecError as e:
-            raise GrowthError(f"target: {e}") from None
-    return resolve_target(small, target)
 
 
 def check_fit_data(small: ModelSpec, data, mlm_fn, mask_token_id, method: str) -> None:

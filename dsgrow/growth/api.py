@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Optional
 
 import torch
 
-from ..families import ModelSpec, build_hf_model, from_canonical, to_canonical, validate_canonical
+from ..families import ModelSpec, SpecError, build_hf_model, from_canonical, to_canonical, validate_canonical
 from .fit import check_mask_token_id, heldout_loss
 from .ligo import INITS
 from .ops import GrowthError, resolve_target
@@ -29,6 +30,25 @@ def check_request(small: ModelSpec, large: ModelSpec, method: str, fit_steps: in
     """Every check of a growth request, done before any work (GrowthError, one line)."""
     _check_request(small, large, method, fit_steps, **opts)
     check_mask_token_id(small, mask_token_id)
+
+
+def resolve_any_target(small: ModelSpec, target) -> ModelSpec:
+    """A dict of sizes, a ModelSpec, an HF config, or a local HF config dir / config.json."""
+    if isinstance(target, (str, os.PathLike)):
+        import transformers as tf
+
+        path = str(target)
+        if path.endswith("config.json"):
+            path = os.path.dirname(path) or "."
+        if not os.path.isdir(path):
+            raise GrowthError(f"target {target}: no such config directory")
+        target = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+    if hasattr(target, "model_type") and hasattr(target, "to_dict"):
+        try:
+            target = ModelSpec.from_hf_config(target)
+        except SpecError as e:
+            raise GrowthError(f"target: {e}") from None
+    return resolve_target(small, target)
 
 
 def _as_small(small_model) -> tuple[ModelSpec, dict]:
@@ -119,4 +139,4 @@ def grow(small_model, target, method: str = "ligo", data=None, fit_steps: int = 
     return (model, info) if return_info else model
 
 
-__all__ = ["grow", "grow_canonical", "check_request", "method_options", "ALL_METHODS", "INITS"]
+__all__ = ["grow", "grow_canonical", "resolve_any_target", "check_request", "method_options", "ALL_METHODS", "INITS"]

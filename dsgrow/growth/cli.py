@@ -52,14 +52,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_target(path: str):
-    from ..families import ModelSpec
-
+    """An HF config dir / config.json (as it is, for api.resolve_any_target), or a YAML/JSON file of sizes."""
     if os.path.isdir(path) or os.path.basename(path) == "config.json":
-        import transformers as tf
-
-        cfg = tf.AutoConfig.from_pretrained(os.path.dirname(path) if path.endswith("config.json") else path,
-                                            local_files_only=True)
-        return ModelSpec.from_hf_config(cfg)
+        return path
     if not os.path.isfile(path):
         raise GrowthError(f"--target {path}: no such file or directory")
     import yaml
@@ -148,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .api import check_request, grow_canonical, method_options
+    from .api import check_request, grow_canonical, method_options, resolve_any_target
     from .registry import get_method
-    from .ops import fmt_size, resolve_target
+    from .ops import fmt_size
 
     if args.list_methods:
         from .registry import REGISTRY
@@ -187,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.src):
         raise GrowthError(f"--src {args.src}: not a directory")
     spec, canonical = load_hf_dir(args.src)
-    target = resolve_target(spec, _load_target(args.target))
+    target = resolve_any_target(spec, _load_target(args.target))
     tokenizer = src_tokenizer(args.src)
     mask_id, mlm_fn = args.mask_token_id, None
     if not spec.causal and mask_id is None:
