@@ -8,6 +8,7 @@ with one line that names the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,13 @@ class TrainConfig:
     """Complete checkpoints kept on disk; older ones are deleted only after a newer one is complete."""
     log_every: int = 10
     """Optimizer steps between metric lines."""
+    collective_timeout_s: float = 1800.0
+    """A collective (all-reduce, barrier) that waits longer than this ends the run with one line:
+    another rank has failed or hangs. Sets the process group's timeout."""
+    stall_timeout_s: float = 300.0
+    """A rank whose heartbeat (a thread writing under --out every few seconds) stops for this long
+    is reported by name and the job is ended: a stopped or frozen process, found well before the
+    collective timeout."""
 
     def __post_init__(self) -> None:
         if isinstance(self.tokens, float) and 0.0 < self.tokens <= 1.0:
@@ -147,8 +155,15 @@ class TrainConfig:
         self._check_batch_options()
         if isinstance(self.tokens, int):
             self.resolve_tokens(self.tokens)
+        for name in ("lr", "min_lr_ratio", "weight_decay", "eps", "grad_clip", "collective_timeout_s",
+                     "stall_timeout_s"):
+            # YAML reads .inf and .nan as floats: an infinite LR would train to NaN and export it.
+            if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"train.{name} must be a finite number, got {getattr(self, name)!r}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.eps <= 0 or self.collective_timeout_s <= 0 or self.stall_timeout_s <= 0:
+            raise ConfigError("train.eps, train.collective_timeout_s and train.stall_timeout_s must be positive")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0:

@@ -36,16 +36,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_dir_atomically(dest: Path, fill: Callable[[str], None]) -> Path:
     """`fill(tmp_dir)` writes a folder's files; the folder then replaces `dest` whole. A crash
-    leaves the old `dest` (or none) and a hidden temporary folder, never a partial `dest`."""
+    leaves the old `dest` (or, between two renames, none) and hidden `.<name>.tmp<pid>*`
+    folders, never a partial `dest`; dsgrow's next start in that `--out` removes them."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     fill(str(tmp))
+    old = dest.parent / f".{dest.name}.tmp{os.getpid()}.old"
     if dest.exists():
-        shutil.rmtree(dest)
+        os.replace(dest, old)  # two renames: `dest` is missing only between them, never half-written
     os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
     return dest
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ConfigError
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, recipe_from_tree
 
 # ds_configs/zero2.json, packaged: the default engine config works from an installed wheel too
 # (tests/test_config.py keeps the two equal).
@@ -49,11 +49,32 @@ def pretrain_parser(parser_class=argparse.ArgumentParser, **kwargs) -> argparse.
 
 
 def load_run_recipe(args: argparse.Namespace) -> Recipe:
-    """The recipe the arguments name; `--resume` without `--recipe` reloads what `--out` trained."""
+    """The recipe the arguments name; `--resume` without `--recipe` reloads what `--out` trained:
+    its recipe.yaml, or, if that was deleted, the copy in the latest checkpoint's run state."""
     path = args.recipe
-    if args.resume and path is None and args.out and (Path(args.out) / "recipe.yaml").is_file():
-        path = str(Path(args.out) / "recipe.yaml")
+    if args.resume and path is None and args.out:
+        if (Path(args.out) / "recipe.yaml").is_file():
+            path = str(Path(args.out) / "recipe.yaml")
+        else:
+            saved = _checkpointed_recipe(Path(args.out) / "checkpoints")
+            if saved is not None:
+                return recipe_from_tree(saved, args.overrides, args.out)
     return load_recipe(path, args.overrides, args.out)
+
+
+def _checkpointed_recipe(root: Path) -> Optional[dict]:
+    """The recipe stored in `root`'s latest checkpoint (read as JSON: no torch, no DeepSpeed)."""
+    import json
+
+    latest = root / "latest"
+    if not latest.is_file():
+        return None
+    state = root / latest.read_text().strip() / "run_state.json"
+    try:
+        recipe = json.loads(state.read_text()).get("recipe")
+    except (OSError, ValueError):
+        return None  # the trainer's own verify reports a damaged checkpoint in one line
+    return recipe if isinstance(recipe, dict) else None
 
 
 def read_run_ds_config(path: Optional[str]) -> dict:
@@ -105,13 +126,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trainer = Trainer(load_run_recipe(args), args.ds_config, resume=args.resume)
         trainer.run()
         trainer.close()
-    except ValueError as e:  # ConfigError, SpecError, DataError, CheckpointError: one line, no traceback
-        if os.environ.get("DSGROW_TRACEBACK"):  # ... unless asked for (debugging a ValueError from a library)
+    except (ValueError, OSError) as e:
+        # ConfigError, SpecError, DataError, CheckpointError, and the environment's OSErrors (disk
+        # full, permissions): one line, no traceback, unless asked for (DSGROW_TRACEBACK=1).
+        if os.environ.get("DSGROW_TRACEBACK"):
             raise
         if os.environ.get("RANK", "0") == "0":
-            print(f"dsgrow: error: {e}", file=sys.stderr)
+            print(f"dsgrow: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not _is_collective_failure(e) or os.environ.get("DSGROW_TRACEBACK"):
+            raise
+        # Another rank died or hangs; every surviving rank says so in one line naming itself.
+        print(f"dsgrow: error: rank {os.environ.get('RANK', '0')}: a collective failed or timed out "
+              f"(train.collective_timeout_s): another rank stopped, crashed or lost its connection; see that "
+              f"rank's output ({_one_line(e)[:200]})", file=sys.stderr)
+        return 3
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.strerror:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    """torch.distributed's errors for a peer that vanished or a timed-out collective."""
+    import torch.distributed as dist
+
+    kinds = tuple(k for k in (getattr(dist, "DistError", None),) if k is not None)
+    text = str(e)
+    return isinstance(e, kinds) or any(s in text for s in ("Timed out", "timed out", "Connection closed by peer",
+                                                           "Connection reset by peer"))
 
 
 __all__ = ["main", "DEFAULT_DS_CONFIG", "pretrain_parser", "load_run_recipe", "read_run_ds_config", "preflight", "Preflight"]

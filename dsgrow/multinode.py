@@ -103,15 +103,19 @@ def check_run(pretrain_args: Sequence[str], world: int, gpu: bool = False):
 
     args = pretrain_parser(_OneLineParser, add_help=False).parse_args(list(pretrain_args))
     recipe = load_run_recipe(args)
-    preflight(recipe, args.ds_config, world, gpu)
+    pre = preflight(recipe, args.ds_config, world, gpu)
     # A checkpoint already in the output folder (a requeued job resumes from it): complete, and
-    # written by as many ranks as this job has, or the resume would fail only inside DeepSpeed.
-    from .engine.checkpoint import latest_tag, verify
+    # loadable at this job's world size and ZeRO stage (directly, or through a universal
+    # checkpoint), or the resume would fail only once the job has started. Sizes only: hashing a
+    # large checkpoint on a login node would take minutes (the job itself checks the hashes).
+    from .engine.checkpoint import latest_tag, resume_route, verify
+    from .engine.ds_config import zero_stage
 
     root = Path(recipe.out) / "checkpoints"
     tag = latest_tag(root) if root.is_dir() else None
     if tag is not None:
-        verify(root, tag, world)
+        state = verify(root, tag, check_content=False)
+        resume_route(state, root, tag, world, zero_stage(pre.ds_raw))
     return recipe
 
 

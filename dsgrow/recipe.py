@@ -5,6 +5,8 @@ so bad input fails in well under a second with one line that names the field.
 """
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +191,12 @@ def load_recipe(path: Optional[str] = None, overrides: Sequence[str] = (), out: 
         raise ConfigError(f"recipe {src}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"recipe {src}: expected a mapping at the top level")
+    return recipe_from_tree(tree, overrides, out)
+
+
+def recipe_from_tree(tree: dict, overrides: Sequence[str] = (), out: Optional[str] = None) -> Recipe:
+    """A recipe from its parsed mapping (a YAML file's, or the copy a checkpoint keeps)."""
+    tree = copy.deepcopy(tree)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 
 from . import __version__
+from .config import ConfigError
+from .engine.checkpoint import fault_point
 from .engine.grad_stats import MicroBatchGradNorm
 from .families.spec import ModelSpec
 from .recipe import Recipe
@@ -28,36 +30,70 @@ from .run.schedule import StageSchedule
 from .run.setup import check_init_from, check_resume_recipe, prepare_data
 from .schedules.flops import flops_per_token
 
+
+def data_fingerprint(data) -> str:
+    """sha256 of the token blocks the run trains and evaluates on: a corpus edited in place or a
+    retrained tokenizer changes it, and a resume must not silently train on other data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (data.train, data.val):
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.contiguous().numpy().view("uint8").data)
+    return h.hexdigest()
+
 class Trainer:
     def __init__(self, recipe: Recipe, ds_config_path: Optional[str] = None, resume: bool = False):
         from .engine import checkpoint as ckpt
         from .engine.runtime import build_engine, build_model, has_gpu, init_distributed
         from .launch import preflight
+        from .run.guard import check_out_path
 
         self.recipe = recipe
         t = recipe.train
-        self.rank, self.world, _ = init_distributed()
+        self.out = Path(recipe.out)
+        check_out_path(self.out)
+        self.rank, self.world, _ = init_distributed(timeout_s=t.collective_timeout_s)
         pre = preflight(recipe, ds_config_path, self.world, has_gpu())  # the multi-node check's own checks
         self.precision, self.ds_raw, self.stages = pre.precision, pre.ds_raw, pre.stages
-        self.out = Path(recipe.out)
+        self.lock = self._claim_out()
+        self.heartbeat = None
         self.ckroot = self.out / "checkpoints"
         tag = ckpt.resolve_resume(self.ckroot, resume)
         self.resume_state = None
         if tag is not None:
-            self.resume_state = ckpt.verify(self.ckroot, tag, self.world)
+            self.resume_state = ckpt.verify(self.ckroot, tag)
             check_resume_recipe(self.resume_state["recipe"], recipe.to_dict())
             self.resume_tag = tag
 
         self.data = prepare_data(recipe, self.rank)
+        self.data_fingerprint = data_fingerprint(self.data)
+        rs = self.resume_state or {}
+        if rs.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            raise ckpt.CheckpointError(
+                f"--resume: the training data changed since checkpoint {tag} was written (token blocks "
+                f"{rs['data_fingerprint'][:12]} then, {self.data_fingerprint[:12]} now): the corpus or its "
+                "tokenizer was edited; resume with the same data, or start a new run with train.init_from")
+        self._enter_stage(self.stages[rs.get("stage", 0)])
+        load_dir = None
+        if self.resume_state is not None and ckpt.resume_route(rs, self.ckroot, tag, self.world,
+                                                               self.zero_stage) == "universal":
+            # Another world size or ZeRO stage: DeepSpeed's universal checkpoint re-shards weights
+            # and Adam moments (deepspeed-facts.md); rank 0 converts once, every rank loads.
+            load_dir = ckpt.make_universal(self.ckroot, tag)
+            self.ds_cfg = {**self.ds_cfg, "checkpoint": {**self.ds_cfg.get("checkpoint", {}), "load_universal": True}}
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
             import yaml
 
-            (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        rs = self.resume_state or {}
-        self._enter_stage(self.stages[rs.get("stage", 0)])
+            from .fileio import atomic_write_text
+
+            atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         if t.init_from is not None and self.resume_state is None:
             check_init_from(t.init_from, self.spec)
+        from .run.guard import Heartbeat
+
+        # Started once the data is ready: building a tokenizer can hold the GIL for long stretches.
+        self.heartbeat = Heartbeat(self.out, self.rank, self.world, t.stall_timeout_s).start()
         model = build_model(self.spec, self.ds_cfg, t.seed,
                             t.init_from if self.resume_state is None and self.stage.index == 0 else None)
         self.engine = build_engine(model, self.ds_cfg, self.t.lr, self.t.betas, self.t.eps,
@@ -74,11 +110,15 @@ class Trainer:
         self.stage_t0 = 0  # global tokens at which this stage's training (after any fit) began
         self.wall_before = 0.0  # wall time of earlier (pre-resume) segments
         self.last_val: Optional[float] = None
+        self.last_train_loss: Optional[float] = None
+        self.tokens_per_s: Optional[float] = None  # the last logged throughput (kept across a resume)
         self.growth_events: list[dict] = []
         self.growth_done = False  # a growth ran in this process
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # steps with a NaN/inf loss
+        self.metrics_bytes = 0
         self._reset_stage_state()
         if self.resume_state is not None:
-            ckpt.load(self.engine, self.ckroot, self.resume_tag)
+            ckpt.load(self.engine, self.ckroot, self.resume_tag, load_dir)
             st = self.resume_state
             self.stream.load_state_dict(st["stream"])
             self.tokens, self.step, self.wall_before = st["tokens"], st["step"], st["wall_time"]
@@ -86,7 +126,29 @@ class Trainer:
             self.stage_t0 = st.get("stage_t0", 0)
             self.growth_events = st.get("growth_events", [])
             self.last_val = st.get("val_loss")
+            self.last_train_loss = st.get("train_loss")
+            self.tokens_per_s = st.get("tokens_per_s")
+            self.metrics_bytes = st.get("metrics_bytes")
             self.sched.load_state_dict(st)
+
+    def _claim_out(self):
+        """Rank 0 locks `--out` (one run at a time) and collects a killed run's leftovers; every
+        rank gets the same one-line error if the folder is taken."""
+        from .engine.runtime import barrier, broadcast_object
+        from .run.guard import OutLock, collect_leftovers
+
+        lock, err = None, None
+        if self.rank == 0:
+            try:
+                lock = OutLock(self.out)
+                collect_leftovers(self.out)
+            except (ValueError, OSError) as e:
+                err = str(e)
+        err = broadcast_object(err)
+        if err:
+            raise ConfigError(err)
+        barrier()
+        return lock
 
     def _enter_stage(self, stage) -> None:
         """Make `stage` current: its model spec, train config and filled ds_config."""
@@ -186,7 +248,13 @@ class Trainer:
     def run(self) -> dict:
         from .engine.runtime import local_param_fraction
 
-        log = MetricsLog(self.out, self.rank == 0)
+        # A resumed run drops the records the killed run logged after its checkpoint (they are
+        # logged again), so metrics.jsonl and tensorboard hold each step once.
+        # A fresh start (no checkpoint) owns the folder: a killed attempt's records go entirely.
+        resumed = self.resume_state is not None
+        log = MetricsLog(self.out, self.rank == 0, truncate_to=self.metrics_bytes if resumed else 0,
+                         purge_step=self.step + 1 if resumed else 0)
+        self.log = log
         bar = None
         total = self.recipe.train.tokens
         if self.rank == 0:
@@ -198,20 +266,23 @@ class Trainer:
         self.bar = bar
         start = time.perf_counter()
         tokens_at_start = self.tokens
-        train_loss = float("nan")
+        self._segment = (start, tokens_at_start)  # this process's share of the run, for tokens/s
         while True:
-            train_loss = self._train_stage(log, start)
+            self._train_stage(log, start)
             if self.stage.index == len(self.stages) - 1:
                 break
             self._grow(log, start)
         if bar is not None:
             bar.close()
         wall = self.wall_before + (time.perf_counter() - start)
+        self._update_throughput()
         summary = {
             "name": self.recipe.name, "family": self.spec.family, "params": self.spec.n_params(True),
-            "train_loss": train_loss, "val_loss": self.last_val, "tokens": self.tokens,
+            # Resumed from the final checkpoint, this process trained nothing: the run's figures
+            # come from the checkpoint, not from an empty segment.
+            "train_loss": self.last_train_loss, "val_loss": self.last_val, "tokens": self.tokens,
             "tokens_budget": total, "flops": self.flops, "steps": self.step,
-            "tokens_per_s": (self.tokens - tokens_at_start) / max(time.perf_counter() - start, 1e-9),
+            "tokens_per_s": self.tokens_per_s,
             "wall_time_s": wall, "world_size": self.world, "zero_stage": self.zero_stage,
             "precision": self.precision, "local_param_fraction": local_param_fraction(self.engine.module),
             "stages": len(self.stages), "growth_events": self.growth_events,
@@ -226,7 +297,9 @@ class Trainer:
         if self.recipe.export_hf:
             summary["exported_to"] = str(self.export(self.out / "final_model"))
         if self.rank == 0:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            from .fileio import atomic_write_text
+
+            atomic_write_text(self.out / "summary.json", json.dumps(_json_safe(summary), indent=1, allow_nan=False))
             self.say(format_summary(summary))
         log.close()
         return summary
@@ -261,7 +334,10 @@ class Trainer:
             self.tokens += step_tokens
             self.flops += step_tokens * self.flops_per_token
             self.step += 1
+            self.heartbeat.step = self.step
+            fault_point("step", f"step{self.step}")  # crash/hang tests: a rank killed or stopped here
             window_loss += loss  # stays on the device: no host sync until the next log line
+            self.nonfinite += ~torch.isfinite(loss)
             window_steps += 1
             if bar is not None:
                 bar.update(step_tokens)
@@ -269,7 +345,9 @@ class Trainer:
             last = self.stage_tokens + self.sched.batch_for_next_step(self.stage_tokens) * t.seq_len > t.tokens
             if self.step % t.log_every == 0 or last:
                 # Only the logged step's loss is synchronised: a per-step all-reduce costs speed.
+                self._check_finite(lr)
                 train_loss = all_mean(float(window_loss) / window_steps)
+                self.last_train_loss = train_loss
                 now = time.perf_counter()
                 rec = {"step": self.step, "tokens": self.tokens, "loss": train_loss, "lr": lr,
                        "flops": self.flops, "batch_size": batch, "stage": self.stage.index,
@@ -281,12 +359,14 @@ class Trainer:
                 window_loss = torch.zeros((), device=self.device)
                 window_steps, window_t0, window_tok0 = 0, now, self.tokens
             if (t.eval_every and self.stage_tokens // t.eval_every > prev // t.eval_every) or last:
+                self._check_finite(lr)
                 self.last_val = self.evaluate()
                 log.log({"step": self.step, "tokens": self.tokens, "val_loss": self.last_val}, self.step)
                 if self.rank == 0:
                     say(f"step {self.step}  tokens {self.tokens:,}/{self.recipe.train.tokens:,}  "
-                        f"train loss {train_loss:.4f}  val loss {self.last_val:.4f}")
+                        f"train loss {self.last_train_loss or float('nan'):.4f}  val loss {self.last_val:.4f}")
             if (t.checkpoint_every and self.stage_tokens // t.checkpoint_every > prev // t.checkpoint_every) or last:
+                self._check_finite(lr, weights=True)  # a checkpoint (and so an export) never holds a diverged model
                 final_of_stage = last and self.stage.index < len(self.stages) - 1
                 # A stage's final checkpoint is kept for good (tag stageN-end): growth starts from it.
                 self.save(time.perf_counter() - start, tag=f"stage{self.stage.index}-end" if final_of_stage else None)
@@ -322,7 +402,7 @@ class Trainer:
 
         def on_event(name: str, value) -> None:
             if name == "fitted":
-                ckpt._fault_point("growth_fitted", f"stage{nxt.index}")  # crash tests: killed mid-growth
+                ckpt.fault_point("growth_fitted", f"stage{nxt.index}")  # crash tests: killed mid-growth
             elif g.export_grown and self.rank == 0 and name == "moments":
                 self._export_moments(value, f"stage{self.stage.index}-final")
             elif g.export_grown and self.rank == 0 and name == "operator":
@@ -372,10 +452,41 @@ class Trainer:
         flat = {f"{k}.{n}": t.contiguous() for k in ("exp_avg", "exp_avg_sq") for n, t in moments[k].items()}
         save_file(flat, str(self.out / "stages" / f"{name}-adam.safetensors"), metadata={"step": str(moments["step"])})
 
+    def _update_throughput(self) -> None:
+        """tokens/s of this process's training (kept from the checkpoint when it trained none)."""
+        start, tokens0 = self._segment
+        if self.tokens > tokens0:
+            self.tokens_per_s = (self.tokens - tokens0) / max(time.perf_counter() - start, 1e-9)
+
+    def _check_finite(self, lr: float, weights: bool = False) -> None:
+        """Stop on a NaN/inf loss or LR before anything is evaluated, checkpointed or exported
+        (and, with `weights`, on a non-finite weight: the step that diverges can still report a
+        finite loss). The per-step flag stays on the device; this reads it only where the loop
+        syncs anyway."""
+        import math
+
+        from .engine.runtime import all_gather_object, params_finite
+
+        bad = int(self.nonfinite) + (0 if math.isfinite(lr) else 1)
+        if weights and not params_finite(self.engine.module):
+            bad += 1
+        if any(all_gather_object(bad)):
+            from .engine.checkpoint import latest_tag
+
+            last = latest_tag(self.ckroot)
+            raise NonFiniteError(
+                f"the loss or learning rate became non-finite (NaN/inf) by step {self.step} (lr {lr:.3g}): "
+                f"training diverged; stopped without checkpointing or exporting it "
+                + (f"(the last good checkpoint is {last}; resume from it with a lower train.lr)" if last
+                   else "(no checkpoint was written; lower train.lr)"))
+
     def save(self, elapsed: float, tag: Optional[str] = None) -> None:
         from .engine import checkpoint as ckpt
 
-        state = {"tokens": self.tokens, "step": self.step, "stream": self.stream.state_dict(), **self.sched.state_dict(),
+        self._update_throughput()
+        state = {"train_loss": self.last_train_loss, "tokens_per_s": self.tokens_per_s,
+                 "metrics_bytes": self.log.size() if self.rank == 0 else None,
+                 "data_fingerprint": self.data_fingerprint,"tokens": self.tokens, "step": self.step, "stream": self.stream.state_dict(), **self.sched.state_dict(),
                  "wall_time": self.wall_before + elapsed, "val_loss": self.last_val,
                  "world_size": self.world, "zero_stage": self.zero_stage, "recipe": self.recipe.to_dict(),
                  "spec": self.spec.to_dict(), "dsgrow_version": __version__, "stage": self.stage.index,
@@ -391,5 +502,26 @@ class Trainer:
     def close(self) -> None:
         from .engine.runtime import destroy_engine
 
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         destroy_engine(self.engine)
         self.engine = None
+        if self.lock is not None:
+            self.lock.release()
+
+
+class NonFiniteError(ConfigError):
+    """Training diverged (NaN/inf loss or LR): one line, exit 2, nothing exported."""
+
+
+def _json_safe(x):
+    """JSON has no NaN/inf: write them as null (a reader sees "no value", not a parse error)."""
+    import math
+
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x

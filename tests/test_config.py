@@ -121,7 +121,8 @@ def test_import_dsgrow_does_not_import_deepspeed():
     import sys
 
     code = ("import sys, dsgrow, dsgrow.config, dsgrow.recipe, dsgrow.launch, dsgrow.multinode, dsgrow.families, "
-            "dsgrow.schedules.flops, dsgrow.train, dsgrow.cli, dsgrow.growth, dsgrow.hf_trainer; "
+            "dsgrow.schedules.flops, dsgrow.train, dsgrow.cli, dsgrow.growth, dsgrow.hf_trainer, dsgrow.run.guard, "
+            "dsgrow.engine.checkpoint; "
             "dsgrow.grow_engine, dsgrow.GrowthSchedule, dsgrow.GrowthReport; "
             "assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -75,13 +75,20 @@ def test_function_preserving_growth_keeps_the_loss_across_the_boundary(tmp_path)
     assert ev["loss_after"] == pytest.approx(ev["loss_before"], abs=1e-4)
 
 
+RESUME_ARGS = ["--ds_config", "ds_configs/zero2.json", *staged("ligo", 3, 8192, 16384, "", "train.checkpoint_every=4096")]
+
+
+@pytest.fixture(scope="module")
+def resume_reference(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("resume") / "ref"
+    run_launcher([*RESUME_ARGS, "--out", str(ref)])
+    return ref
+
+
 @pytest.mark.parametrize("fault", ["checkpoint_after_commit:stage0-end", "growth_fitted:stage1",
                                    "checkpoint_after_commit:step16"])
-def test_resume_before_during_and_after_growth(tmp_path, fault):
-    args = ["--ds_config", "ds_configs/zero2.json",
-            *staged("ligo", 3, 8192, 16384, "", "train.checkpoint_every=4096")]
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    run_launcher([*args, "--out", str(ref)])
+def test_resume_before_during_and_after_growth(tmp_path, fault, resume_reference):
+    args, ref, out = RESUME_ARGS, resume_reference, tmp_path / "run"
     killed = run_launcher([*args, "--out", str(out)], env={"DSGROW_FAULT": fault}, check=False)
     assert killed.returncode == -9, killed.stdout[-2000:]
     run_launcher([*args, "--out", str(out), "--resume"])

@@ -29,7 +29,10 @@ def read_ds_config(path: str) -> dict:
 
 
 def zero_stage(cfg: dict) -> int:
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"ds_config zero_optimization must be an object, got {zero!r}")
+    stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"ds_config zero_optimization.stage must be 0-3, got {stage!r}")
     return stage

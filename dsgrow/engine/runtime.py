@@ -36,7 +36,7 @@ def has_gpu() -> bool:
     return get_accelerator().device_name() == "cuda"
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     """Join (or, run as a plain `python` script, create) the process group; returns rank, world, local rank.
 
     The deepspeed launcher, torchrun and srun wrappers all export RANK/WORLD_SIZE/MASTER_*; a
@@ -49,7 +49,12 @@ def init_distributed() -> tuple[int, int, int]:
                           MASTER_PORT=str(_free_port()))
     if not dist.is_initialized():
         backend = "nccl" if has_gpu() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        kwargs = {}
+        if timeout_s is not None:  # a collective waiting longer than this raises instead of hanging
+            from datetime import timedelta
+
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if has_gpu():
         torch.cuda.set_device(local_rank)
@@ -213,6 +218,17 @@ def gathered(params, modifier_rank=None):
     if any(hasattr(p, "ds_id") for p in params):
         return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return nullcontext()
+
+
+def params_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter element this rank holds (its ZeRO-3 shard, or the whole tensor)
+    is finite. One pass over the weights; called before a checkpoint or an export."""
+    with torch.no_grad():
+        for p in model.parameters():
+            t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                return False
+    return True
 
 
 def local_param_fraction(model: torch.nn.Module) -> float:

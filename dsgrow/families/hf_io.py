@@ -9,6 +9,7 @@ import fnmatch
 import json
 import os
 import shutil
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -60,11 +61,35 @@ def logits(spec: ModelSpec, canonical: dict, input_ids: torch.Tensor,
         return model(input_ids=input_ids, **kwargs).logits.float()
 
 
+def _load_safetensors(file: str) -> dict:
+    """A safetensors file's tensors, or one SpecError line for a truncated or damaged one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except SafetensorError as e:
+        raise SpecError(f"{file}: not a readable safetensors file ({e}): truncated or corrupt") from None
+
+
+def check_weight_files(path: str) -> None:
+    """Every safetensors file of an HF model folder has an intact header that covers the file
+    (what a truncated copy fails); reads headers only, no tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as f:
+                f.keys()
+        except SafetensorError as e:
+            raise SpecError(f"{file}: not a readable safetensors file ({e}): truncated or corrupt") from None
+
+
 def _read_weights(path: str) -> dict:
     st_file = os.path.join(path, "model.safetensors")
     st_index = os.path.join(path, "model.safetensors.index.json")
     pt_file = os.path.join(path, "pytorch_model.bin")
-    from safetensors.torch import load_file
+    load_file = _load_safetensors
 
     if os.path.isfile(st_file):
         return load_file(st_file)

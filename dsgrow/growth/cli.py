@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     target = resolve_any_target(spec, _load_target(args.target))
     tokenizer = src_tokenizer(args.src)
     mask_id, mlm_fn = args.mask_token_id, None
-    if not spec.causal and mask_id is None:
+    if not spec.causal and mask_id is None and args.data:  # masking is needed only to fit or evaluate on data
         if tokenizer is not None and hasattr(tokenizer, "special_ids"):  # dsgrow's own: its masking rules
             from ..data import mlm_mask
 

@@ -15,7 +15,8 @@ from ..recipe import Recipe
 
 # Fields that may change when a run is resumed; anything else would silently train another run.
 RESUMABLE_CHANGES = {"name", "out", "export_hf", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.log_every"}
+                     "train.keep_checkpoints", "train.log_every", "train.collective_timeout_s",
+                     "train.stall_timeout_s"}
 
 
 def cache_dir() -> Path:
@@ -89,6 +90,9 @@ def check_init_from(path: str, spec: ModelSpec) -> None:
     """train.init_from must hold exactly the recipe's model (vocabulary included)."""
     import transformers as tf
 
+    from ..families.hf_io import check_weight_files
+
+    check_weight_files(path)  # a truncated copy: one line now, not a traceback from transformers later
     theirs = ModelSpec.from_hf_config(tf.AutoConfig.from_pretrained(path, local_files_only=True))
     ours = ModelSpec.from_hf_config(spec.to_hf_config())  # defaults (ffn, eps, tying) made explicit
     if theirs != ours:
