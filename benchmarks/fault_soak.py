@@ -5,10 +5,11 @@ ends exactly where an uninterrupted run ends.
     python benchmarks/fault_soak.py                          # 25 kills, 1 rank, two-stage run
     python benchmarks/fault_soak.py --kills 25 --nproc 2 --ds_config ds_configs/zero3_partitioned.json
 
-Not only at the named fault points of the crash tests: each kill lands after a delay drawn
-uniformly over the reference run's training time (from its first stage line to its exit), so it
-hits steps, evaluations, checkpoint writes and prunes, the growth (fit, operator, new engine) and
-the final export wherever they happen to be. The whole process group dies at once (torchrun and
+Not only at the named fault points of the crash tests: one kill in five lands at a random moment
+of the start-up, the others at a random moment of what is left of the training (timed from the
+attempt's first stage line, over the reference run's training time), so they hit steps,
+evaluations, checkpoint writes and prunes, the growth (fit, operator, new engine) and the final
+export wherever they happen to be. The whole process group dies at once (torchrun and
 every rank), as on a node failure. After every kill the output folder must hold a complete
 `latest` checkpoint or none; the run is restarted (`--resume` when a checkpoint exists, and once
 with recipe.yaml deleted, which must be recovered from the checkpoint) until it finishes.
@@ -146,13 +147,21 @@ def soak(work: Path, kills: int, seed: int, nproc: int = 1, ds_config: str | Non
         if resume and not deleted_recipe and len(rows) >= kills // 2:
             (out / "recipe.yaml").unlink(missing_ok=True)  # must come back from the checkpoint
             deleted_recipe = True
-        proc, lines, _, _ = _start(_command(args, out, nproc, resume, _free_port()))
-        # Uniform over what is left of the training: a resumed run has less to do.
-        left = 1.0 - (_tokens_at(out, latest_tag(out / "checkpoints")) / total if resume else 0.0)
-        delay = rng.uniform(t_start, t_start + max(left, 0.05) * (t_total - t_start))
         t0 = time.monotonic()
+        proc, lines, started, _ = _start(_command(args, out, nproc, resume, _free_port()))
+        # One kill in five lands in the start-up (imports, lock, verify, conversion, engine
+        # build); the others uniformly over what is left of this attempt's training, timed from
+        # its own first stage line (a resumed run has less to do and starts more slowly).
+        if rng.random() < 0.2:
+            deadline = t0 + rng.uniform(0.0, t_start)
+        else:
+            started.wait(600)
+            left = 1.0 - (_tokens_at(out, latest_tag(out / "checkpoints")) / total if resume else 0.0)
+            # (at least a quarter of the run's span: near the end, a window shorter than one
+            # checkpoint interval would kill every attempt before it could checkpoint again)
+            deadline = time.monotonic() + rng.uniform(0.0, max(left, 0.25) * (t_total - t_start))
         try:
-            rc = proc.wait(timeout=delay)
+            rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank at once
             proc.wait()

@@ -24,23 +24,13 @@ from .engine.checkpoint import fault_point
 from .engine.grad_stats import MicroBatchGradNorm
 from .families.spec import ModelSpec
 from .recipe import Recipe
-from .run.metrics import MetricsLog, format_summary
+from .run.metrics import MetricsLog, format_summary, json_safe
 from .run.objective import Objective
 from .run.schedule import StageSchedule
-from .run.setup import check_init_from, check_resume_recipe, prepare_data
+from .run.setup import check_init_from, check_resume_data, check_resume_recipe, data_fingerprint, prepare_data
 from .schedules.flops import flops_per_token
 
 
-def data_fingerprint(data) -> str:
-    """sha256 of the token blocks the run trains and evaluates on: a corpus edited in place or a
-    retrained tokenizer changes it, and a resume must not silently train on other data."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in (data.train, data.val):
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.contiguous().numpy().view("uint8").data)
-    return h.hexdigest()
 
 class Trainer:
     def __init__(self, recipe: Recipe, ds_config_path: Optional[str] = None, resume: bool = False):
@@ -69,11 +59,8 @@ class Trainer:
         self.data = prepare_data(recipe, self.rank)
         self.data_fingerprint = data_fingerprint(self.data)
         rs = self.resume_state or {}
-        if rs.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
-            raise ckpt.CheckpointError(
-                f"--resume: the training data changed since checkpoint {tag} was written (token blocks "
-                f"{rs['data_fingerprint'][:12]} then, {self.data_fingerprint[:12]} now): the corpus or its "
-                "tokenizer was edited; resume with the same data, or start a new run with train.init_from")
+        if self.resume_state is not None:
+            check_resume_data(rs, tag, self.data_fingerprint)
         self._enter_stage(self.stages[rs.get("stage", 0)])
         load_dir = None
         if self.resume_state is not None and ckpt.resume_route(rs, self.ckroot, tag, self.world,
@@ -299,7 +286,7 @@ class Trainer:
         if self.rank == 0:
             from .fileio import atomic_write_text
 
-            atomic_write_text(self.out / "summary.json", json.dumps(_json_safe(summary), indent=1, allow_nan=False))
+            atomic_write_text(self.out / "summary.json", json.dumps(json_safe(summary), indent=1, allow_nan=False))
             self.say(format_summary(summary))
         log.close()
         return summary
@@ -513,15 +500,3 @@ class Trainer:
 class NonFiniteError(ConfigError):
     """Training diverged (NaN/inf loss or LR): one line, exit 2, nothing exported."""
 
-
-def _json_safe(x):
-    """JSON has no NaN/inf: write them as null (a reader sees "no value", not a parse error)."""
-    import math
-
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x

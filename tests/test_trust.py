@@ -94,7 +94,7 @@ def _load_plain(f: Path) -> dict:
 # Safe loading
 # ---------------------------------------------------------------------------------------------
 def test_checkpoint_files_are_hashed_and_refused_when_flipped_or_holding_code(finished, tmp_path):
-    from dsgrow.engine.checkpoint import CheckpointError, safe_torch_load, sha256_file, verify
+    from dsgrow.engine.checkpoint import CheckpointError, safe_torch_load, sha256_file, unsafe_globals, verify
 
     out = copy_run(finished, tmp_path / "run")
     ck = out / "checkpoints" / "step12"
@@ -115,6 +115,10 @@ def test_checkpoint_files_are_hashed_and_refused_when_flipped_or_holding_code(fi
     planted = plant_payload(ck, marker)
     with pytest.raises(CheckpointError, match="would import .*system"):
         verify(out / "checkpoints", "step12")
+    # A legacy-format (non-zip) pickle is checked too, by a weights-only load that refuses it.
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"client": Payload(marker), "w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert unsafe_globals(legacy) == ["posix.system"] and not marker.exists()
     # Defence in depth: DeepSpeed's own torch.load(weights_only=False), under safe_torch_load.
     with safe_torch_load(), pytest.raises(pickle.UnpicklingError):
         torch.load(planted, weights_only=False)
@@ -370,6 +374,24 @@ def _two_ranks_until(args: list[str], env: dict, needle: str, limit: float = 120
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_heartbeat_watches_the_next_rank_and_names_it_when_it_stalls(tmp_path):
+    from dsgrow.run.guard import Heartbeat
+
+    hb = Heartbeat(tmp_path, rank=0, world=3, stall_s=5)  # not started: check() driven by hand
+    beats = tmp_path / ".heartbeat"
+    (beats / "rank1").write_text("7 4242 nodeA 12\n")
+    (beats / "rank2").write_text("3 99 nodeB 12\n")
+    assert hb.check(now=0.0) is None
+    assert hb.check(now=4.0) is None
+    (beats / "rank1").write_text("8 4242 nodeA 13\n")  # it beat: the clock restarts
+    assert hb.check(now=8.0) is None
+    line = hb.check(now=13.5)
+    assert line is not None and line.startswith("rank 1 (pid 4242 on nodeA) stopped responding") and "step 13" in line
+    assert "rank 2" not in line  # rank 2 is rank 1's to watch (a ring), however stale it is
+    (beats / "rank1").write_text("done 4242 nodeA 20\n")  # finished ranks are not stalls
+    assert hb.check(now=100.0) is None
 
 
 def test_a_stopped_rank_is_named_and_the_job_ends(tmp_path):

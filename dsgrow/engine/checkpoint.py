@@ -227,13 +227,25 @@ def _safe_globals() -> list:
 
 
 def unsafe_globals(path: Path) -> list[str]:
-    """The globals a pickle would import that are not on the allow-list (reads, never unpickles)."""
+    """The globals a pickle would import that are not on the allow-list. A torch zip archive's
+    pickle is read without unpickling; a legacy-format file (DeepSpeed's checkpoint
+    `use_node_local_storage`/non-zip serialization) gets a weights-only load with the allow-list,
+    which refuses any other global without running it."""
+    import pickle
+
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
     try:
         found = get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as e:  # not a torch zip archive, or a damaged one
-        return [f"<unreadable: {type(e).__name__}>"]
+    except Exception:  # not a zip archive
+        try:
+            with torch.serialization.safe_globals(_safe_globals()):
+                torch.load(path, map_location="cpu", weights_only=True)
+            return []
+        except pickle.UnpicklingError as e:
+            return [(str(e).split("GLOBAL ")[1].split(" ")[0] if "GLOBAL " in str(e) else "an unsupported object")]
+        except Exception as e:
+            return [f"<unreadable: {type(e).__name__}>"]
     return [g for g in found if g not in SAFE_GLOBAL_NAMES]
 
 

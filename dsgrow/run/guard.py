@@ -83,10 +83,11 @@ def collect_leftovers(out: Path) -> list[str]:
 
 class Heartbeat:
     """Every rank writes `<out>/.heartbeat/rank<R>` (a counter, its pid, host and step) from a
-    daemon thread and watches the other ranks' files. A rank whose file has not changed for
-    `stall_s` seconds of this rank's own clock (so clock skew between nodes does not matter) is
-    stopped, frozen or gone: the lowest healthy rank prints one line naming it and every healthy
-    rank exits, which makes the launcher (torchrun, deepspeed) end the job.
+    daemon thread and watches the next rank's file (a ring: each file is read by one rank, so the
+    shared file system sees O(world) small reads per interval, not O(world^2)). A rank whose
+    file has not changed for `stall_s` seconds of the watcher's own clock (clock skew between
+    nodes does not matter) is stopped, frozen or gone: its watcher prints one line naming it and
+    exits, which makes the launcher (torchrun, deepspeed) end the job.
 
     A thread beats even while the main thread waits in a collective or a long C call that releases
     the GIL; it stops only when the whole process does (SIGSTOP, a frozen node, a crash)."""
@@ -155,12 +156,13 @@ class Heartbeat:
             except (OSError, ValueError):
                 pass
 
+    def watched(self) -> list[int]:
+        return [(self.rank + 1) % self.world] if self.world > 1 else []
+
     def check(self, now: float) -> Optional[str]:
-        """One line naming the first stalled rank, if this rank is the one to report it."""
+        """One line naming the watched rank if it has stalled, else None."""
         stalled = []
-        for r in range(self.world):
-            if r == self.rank:
-                continue
+        for r in self.watched():
             try:
                 content = (self.dir / f"rank{r}").read_text().strip()
             except OSError:
@@ -176,9 +178,6 @@ class Heartbeat:
         self.stalled = [s[0] for s in stalled]
         if not stalled:
             return None
-        healthy = [r for r in range(self.world) if r not in {s[0] for s in stalled}]
-        if self.rank != min(healthy):
-            return ""  # another healthy rank reports; this one only exits
         r, content, age = stalled[0]
         _, pid, host, step = (content.split() + ["?"] * 4)[:4]
         return (f"rank {r} (pid {pid} on {host}) stopped responding: no heartbeat for {age:.0f} s "
@@ -186,8 +185,7 @@ class Heartbeat:
 
 
 def _exit_job(line: str) -> None:
-    if line:
-        print(f"dsgrow: error: {line}", file=sys.stderr, flush=True)
+    print(f"dsgrow: error: {line}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(3)  # the main thread may be blocked in a collective: only a process exit ends it
 

@@ -74,3 +74,14 @@ def _finite(x) -> bool:
 
 def _num(x, fmt: str = ".4f") -> str:
     return format(x, fmt) if _finite(x) else "n/a"
+
+
+def json_safe(x):
+    """JSON has no NaN/inf: write them as null (a reader sees "no value", not a parse error)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x

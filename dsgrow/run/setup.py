@@ -65,6 +65,26 @@ def prepare_data(recipe: Recipe, rank: int) -> Data:
     return data
 
 
+def data_fingerprint(data: Data) -> str:
+    """sha256 of the token blocks the run trains and evaluates on: a corpus edited in place or a
+    retrained tokenizer changes it, and a resume must not silently train on other data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (data.train, data.val):
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.contiguous().numpy().view("uint8").data)
+    return h.hexdigest()
+
+
+def check_resume_data(state: dict, tag: str, fingerprint: str) -> None:
+    saved = state.get("data_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise ConfigError(f"--resume: the training data changed since checkpoint {tag} was written (token blocks "
+                          f"{saved[:12]} then, {fingerprint[:12]} now): the corpus or its tokenizer was edited; "
+                          "resume with the same data, or start a new run with train.init_from")
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
