@@ -124,29 +124,45 @@ def leftovers(out: Path) -> list[str]:
 
 def soak(work: Path, kills: int, seed: int, nproc: int = 1, ds_config: str | None = None,
          extra: list[str] | None = None, say=print) -> dict:
-    """Reference run, then `kills` random SIGKILLs with resumes, then the comparison."""
-    from safetensors.torch import load_file
-
-    from dsgrow.engine.checkpoint import latest_tag, verify
-
+    """Reference run, then `kills` random SIGKILLs with resumes, then the comparison. A run that
+    reaches its end before all kills are spent is checked and a new one starts (a cycle)."""
     args = default_args() + (extra or []) + (["--ds_config", ds_config] if ds_config else [])
     ref = work / "reference"
     t_start, t_total, _ = run_to_end(_command(args, ref, nproc, False, _free_port()))
     say(f"reference: training starts at {t_start:.1f} s, summary at {t_total:.1f} s")
     total = json.loads((ref / "summary.json").read_text())["tokens"]
     rng = random.Random(seed)
-    out = work / "soaked"
-    rows = []
-    deleted_recipe = False
+    rows: list[dict] = []
+    cycles: list[dict] = []
+    while len(rows) < kills:
+        out = work / f"soaked{len(cycles)}"
+        rows += _cycle(args, out, nproc, kills - len(rows), len(rows), rng, t_start, t_total, total, say)
+        cycles.append(_check(ref, out))
+        say(f"cycle {len(cycles)}: {cycles[-1]}")
+    worst = max(c["max_weight_diff"] for c in cycles)
+    return {"kills": rows, "cycles": cycles, "max_weight_diff": worst,
+            "duplicate_steps": sum(c["duplicate_steps"] for c in cycles),
+            "leftovers": [x for c in cycles for x in c["leftovers"]],
+            "recipe_recovered": any(c["recipe_recovered"] for c in cycles),
+            "reference_weights_equal": worst == 0.0, "seed": seed, "nproc": nproc,
+            "ds_config": ds_config or "default (ZeRO-2)"}
+
+
+def _cycle(args, out: Path, nproc: int, budget: int, done: int, rng: random.Random, t_start: float,
+           t_total: float, total: int, say) -> list[dict]:
+    """Kill one run up to `budget` times, resuming it each time, then let it finish."""
+    from dsgrow.engine.checkpoint import latest_tag, verify
+
+    rows: list[dict] = []
     attempts = 0
-    while len(rows) < kills and _tokens_at(out, latest_tag(out / "checkpoints")) < total:
+    while len(rows) < budget and _tokens_at(out, latest_tag(out / "checkpoints")) < total:
         attempts += 1
-        if attempts > 4 * kills + 4:
-            raise RuntimeError(f"{kills} kills not reached in {attempts} attempts")
+        if attempts > 4 * budget + 4:
+            raise RuntimeError(f"{budget} kills not reached in {attempts} attempts")
         resume = latest_tag(out / "checkpoints") is not None
-        if resume and not deleted_recipe and len(rows) >= kills // 2:
+        if resume and not (out / ".recipe-deleted").exists() and len(rows) >= 1:
             (out / "recipe.yaml").unlink(missing_ok=True)  # must come back from the checkpoint
-            deleted_recipe = True
+            (out / ".recipe-deleted").write_text("")
         t0 = time.monotonic()
         proc, lines, started, _ = _start(_command(args, out, nproc, resume, _free_port()))
         # One kill in five lands in the start-up (imports, lock, verify, conversion, engine
@@ -169,29 +185,39 @@ def soak(work: Path, kills: int, seed: int, nproc: int = 1, ds_config: str | Non
         if rc is not None:
             if rc != 0:
                 raise RuntimeError(f"attempt {attempts} failed ({rc}):\n{''.join(lines)[-4000:]}")
-            if not resume:
-                continue  # finished before the kill: start again
-            break  # the resumed run reached the end before this kill: the soak is complete
+            break  # reached the end before this kill
         tag = latest_tag(out / "checkpoints")
         if tag is not None:
             verify(out / "checkpoints", tag)  # complete and intact, or this raises
         last = [ln.strip() for ln in lines if ln.strip() and not ln.startswith(("[", " "))]
-        rows.append({"kill": len(rows) + 1, "after_s": round(time.monotonic() - t0, 2), "resumed": resume,
+        rows.append({"kill": done + len(rows) + 1, "after_s": round(time.monotonic() - t0, 2), "resumed": resume,
                      "latest": tag, "last_line": (last[-1] if last else "")[:80]})
-        say(f"kill {len(rows)}: after {rows[-1]['after_s']:.1f} s, latest {tag}, last line: {rows[-1]['last_line']}")
-    if not (out / "final_model").is_dir():
+        say(f"kill {rows[-1]['kill']}: after {rows[-1]['after_s']:.1f} s, latest {tag}, "
+            f"last line: {rows[-1]['last_line']}")
+    if not (out / "summary.json").is_file() or _tokens_at(out, latest_tag(out / "checkpoints")) < total:
         run_to_end(_command(args, out, nproc, latest_tag(out / "checkpoints") is not None, _free_port()))
+    elif not (out / "final_model").is_dir():
+        run_to_end(_command(args, out, nproc, True, _free_port()))
+    return rows
+
+
+def _check(ref: Path, out: Path) -> dict:
+    """A finished soaked run against the reference."""
+    from safetensors.torch import load_file
+
     a, b = load_file(str(ref / "final_model" / "model.safetensors")), load_file(str(out / "final_model" / "model.safetensors"))
     diff = max((a[k] - b[k]).abs().max().item() for k in a) if a.keys() == b.keys() else float("inf")
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
+    ref_steps = [json.loads(line)["step"] for line in (ref / "metrics.jsonl").read_text().splitlines()
+                 if "loss" in json.loads(line)]
     summary = json.loads((out / "summary.json").read_text(), parse_constant=_refuse)
-    result = {"kills": rows, "max_weight_diff": diff, "duplicate_steps": len(steps) - len(set(steps)),
-              "steps_logged": len(steps), "leftovers": leftovers(out), "recipe_recovered": deleted_recipe,
-              "summary_train_loss": summary["train_loss"], "summary_tokens_per_s": summary["tokens_per_s"],
-              "reference_weights_equal": bool(diff == 0.0), "seed": seed, "nproc": nproc,
-              "ds_config": ds_config or "default (ZeRO-2)"}
-    return result
+    deleted = (out / ".recipe-deleted").is_file()
+    (out / ".recipe-deleted").unlink(missing_ok=True)
+    return {"max_weight_diff": diff, "duplicate_steps": len(steps) - len(set(steps)),
+            "steps_as_reference": steps == ref_steps, "leftovers": leftovers(out),
+            "recipe_recovered": deleted and (out / "recipe.yaml").is_file(),
+            "summary_train_loss": summary["train_loss"]}
 
 
 def _tokens_at(out: Path, tag: str | None) -> int:
@@ -221,14 +247,16 @@ def main() -> int:
     for row in r["kills"]:
         print(f"| {row['kill']} | {row['after_s']} | {'yes' if row['resumed'] else 'no'} | {row['latest']} | "
               f"{row['last_line'].replace('|', '/')} |")
-    print(f"\nfinal weights vs uninterrupted run: max |diff| = {r['max_weight_diff']:g}; duplicate step records: "
-          f"{r['duplicate_steps']}; leftovers: {r['leftovers'] or 'none'}; recipe.yaml recovered: "
-          f"{r['recipe_recovered']}")
+    print(f"\n{len(r['cycles'])} run(s) killed and resumed to the end; final weights vs uninterrupted run: max |diff| = "
+          f"{r['max_weight_diff']:g}; duplicate step records: {r['duplicate_steps']}; metric steps as the "
+          f"reference: {all(c['steps_as_reference'] for c in r['cycles'])}; leftovers: {r['leftovers'] or 'none'}; "
+          f"recipe.yaml deleted and recovered: {r['recipe_recovered']}")
     r["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     Path(a.results).write_text(json.dumps(r, indent=1))
-    ok = r["reference_weights_equal"] and not r["duplicate_steps"] and not r["leftovers"]
+    ok = (r["reference_weights_equal"] and not r["duplicate_steps"] and not r["leftovers"]
+          and all(c["steps_as_reference"] for c in r["cycles"]))
     return 0 if ok else 1
 
 
