@@ -98,6 +98,25 @@ def _start(cmd: list[str]) -> tuple[subprocess.Popen, list[str], threading.Event
     return proc, lines, started, summarised
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank at once, as a node failure would. torchrun starts each
+    rank in a session of its own, so the launcher's process group alone would miss them (psutil
+    comes with DeepSpeed)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(family[1:], timeout=10)
+
+
 def run_to_end(cmd: list[str], timeout: float = 600) -> tuple[float, float, str]:
     """(seconds until training started, seconds until the summary, output) of an uninterrupted run."""
     t0 = time.monotonic()
@@ -179,8 +198,7 @@ def _cycle(args, out: Path, nproc: int, budget: int, done: int, rng: random.Rand
         try:
             rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank at once
-            proc.wait()
+            kill_tree(proc)
             rc = None
         if rc is not None:
             if rc != 0:

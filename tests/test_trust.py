@@ -10,7 +10,6 @@ import os
 import pickle
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,9 @@ import torch
 
 from conftest import REPO, free_port, run_launcher
 from test_train import final_weights, metrics, one_line_error, tiny
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from fault_soak import kill_tree, soak  # noqa: E402
 
 # 12 steps, a checkpoint every 4, one step a metric line: the resume tests' reference run.
 RUN = ["--ds_config", "ds_configs/zero2.json", *tiny(16 * 64 * 12, "train.checkpoint_every=4096",
@@ -286,8 +288,9 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, staged_r
     assert_same_weights(staged_reference, out)
 
 
-def test_truncated_safetensors_and_bert_without_tokenizer(tmp_path):
+def test_truncated_safetensors_and_bert_without_tokenizer(tmp_path, capsys):
     from dsgrow.families import ModelSpec, hf_model_class
+    from dsgrow.growth.cli import main as grow_main
 
     def save(spec, path):
         model = hf_model_class(spec).from_config(spec.to_hf_config())
@@ -297,21 +300,19 @@ def test_truncated_safetensors_and_bert_without_tokenizer(tmp_path):
     gpt = save(ModelSpec("gpt2", layers=2, hidden=64, heads=4, vocab_size=512, max_seq_len=64), tmp_path / "gpt")
     st = gpt / "model.safetensors"
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
-    dsgrow = [sys.executable, "-m", "dsgrow.cli"]
     target = tmp_path / "target.yaml"
     target.write_text("layers: 4\n")
-    proc = subprocess.run([*dsgrow, "grow", "--src", str(gpt), "--target", str(target), "--method", "stack",
-                           "--out", str(tmp_path / "grown")], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "truncated or corrupt" in proc.stderr and "model.safetensors" in proc.stderr
+    assert grow_main(["--src", str(gpt), "--target", str(target), "--method", "stack",
+                      "--out", str(tmp_path / "grown")]) == 2
+    err = capsys.readouterr().err
+    assert "truncated or corrupt" in err and "model.safetensors" in err and len(err.strip().splitlines()) == 1
     msg = one_line_error(run_launcher(["--out", str(tmp_path / "run"),
                                        *tiny(16 * 64 * 4, f"train.init_from={gpt}")], check=False))
     assert "truncated or corrupt" in msg
     # BERT without tokenizer files, a closed-form method, no data: nothing is masked, nothing asked.
     bert = save(ModelSpec("bert", layers=2, hidden=64, heads=4, vocab_size=512, max_seq_len=64), tmp_path / "bert")
-    proc = subprocess.run([*dsgrow, "grow", "--src", str(bert), "--target", str(target), "--method", "stack",
-                           "--out", str(tmp_path / "bert4")], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert grow_main(["--src", str(bert), "--target", str(target), "--method", "stack",
+                      "--out", str(tmp_path / "bert4")]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "bert4" / "config.json").read_text())["num_hidden_layers"] == 4
 
 
@@ -363,7 +364,7 @@ def _two_ranks_until(args: list[str], env: dict, needle: str, limit: float = 120
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(REPO / "launchers" / "pretrain.py"), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0, seen = time.monotonic(), []
     try:
         for line in proc.stderr:
@@ -372,8 +373,7 @@ def _two_ranks_until(args: list[str], env: dict, needle: str, limit: float = 120
                 break
         return "".join(seen), time.monotonic() - t0
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)  # torchrun, and ranks it started in sessions of their own
 
 
 def test_heartbeat_watches_the_next_rank_and_names_it_when_it_stalls(tmp_path):
@@ -427,9 +427,6 @@ def test_a_collective_that_times_out_is_one_line(tmp_path):
 # Random kills (the harness of benchmarks/fault_soak.py, at CI size)
 # ---------------------------------------------------------------------------------------------
 def test_random_kills_resume_to_the_uninterrupted_weights(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from fault_soak import soak
-
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"fault soak seed {seed}")
     r = soak(tmp_path, kills=3, seed=seed)
