@@ -41,6 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dsgrow.run.guard import find_leftovers  # noqa: E402
+
 # A tiny two-stage GPT-2 (growth by LiGO with a short fit), 12 + 16 steps, a checkpoint every 2.
 TINY = ["stages=null", "model.layers=2", "model.hidden=64", "model.heads=4", "model.max_seq_len=64",
         "data.vocab_size=512", "train.seq_len=64", "train.micro_batch=4", "train.global_batch=16",
@@ -129,16 +131,6 @@ def run_to_end(cmd: list[str], timeout: float = 600) -> tuple[float, float, str]
     if rc != 0:
         raise RuntimeError(f"run failed ({rc}):\n{''.join(lines)[-4000:]}")
     return t_start, t_end, "".join(lines)
-
-
-def leftovers(out: Path) -> list[str]:
-    found = []
-    for folder in (out, out / "checkpoints", out / "stages"):
-        if folder.is_dir():
-            found += [p.name for p in folder.iterdir()
-                      if p.name.endswith(".partial") or p.name.startswith((".trash-", ".universal"))
-                      or (p.name.startswith(".") and ".tmp" in p.name)]
-    return found
 
 
 def soak(work: Path, kills: int, seed: int, nproc: int = 1, ds_config: str | None = None,
@@ -233,7 +225,7 @@ def _check(ref: Path, out: Path) -> dict:
     deleted = (out / ".recipe-deleted").is_file()
     (out / ".recipe-deleted").unlink(missing_ok=True)
     return {"max_weight_diff": diff, "duplicate_steps": len(steps) - len(set(steps)),
-            "steps_as_reference": steps == ref_steps, "leftovers": leftovers(out),
+            "steps_as_reference": steps == ref_steps, "leftovers": [p.name for p in find_leftovers(out)],
             "recipe_recovered": deleted and (out / "recipe.yaml").is_file(),
             "summary_train_loss": summary["train_loss"]}
 

@@ -63,15 +63,16 @@ def load_run_recipe(args: argparse.Namespace) -> Recipe:
 
 
 def _checkpointed_recipe(root: Path) -> Optional[dict]:
-    """The recipe stored in `root`'s latest checkpoint (read as JSON: no torch, no DeepSpeed)."""
+    """The recipe stored in `root`'s latest complete checkpoint (its run state, plain JSON)."""
     import json
 
-    latest = root / "latest"
-    if not latest.is_file():
+    from .engine.checkpoint import STATE_FILE, latest_tag
+
+    tag = latest_tag(root)
+    if tag is None:
         return None
-    state = root / latest.read_text().strip() / "run_state.json"
     try:
-        recipe = json.loads(state.read_text()).get("recipe")
+        recipe = json.loads((root / tag / STATE_FILE).read_text()).get("recipe")
     except (OSError, ValueError):
         return None  # the trainer's own verify reports a damaged checkpoint in one line
     return recipe if isinstance(recipe, dict) else None

@@ -6,7 +6,6 @@ so bad input fails in well under a second with one line that names the field.
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -57,7 +57,10 @@ class Trainer:
             self.resume_tag = tag
 
         self.data = prepare_data(recipe, self.rank)
-        self.data_fingerprint = data_fingerprint(self.data)
+        from .engine.runtime import broadcast_object
+
+        # One rank hashes the blocks (every rank holds the same ones); the others get its answer.
+        self.data_fingerprint = broadcast_object(data_fingerprint(self.data) if self.rank == 0 else None)
         rs = self.resume_state or {}
         if self.resume_state is not None:
             check_resume_data(rs, tag, self.data_fingerprint)
@@ -452,12 +455,12 @@ class Trainer:
         syncs anyway."""
         import math
 
-        from .engine.runtime import all_gather_object, params_finite
+        from .engine.runtime import all_mean, params_finite
 
         bad = int(self.nonfinite) + (0 if math.isfinite(lr) else 1)
         if weights and not params_finite(self.engine.module):
             bad += 1
-        if any(all_gather_object(bad)):
+        if all_mean(float(bad)) > 0:
             from .engine.checkpoint import latest_tag
 
             last = latest_tag(self.ckroot)
@@ -473,7 +476,7 @@ class Trainer:
         self._update_throughput()
         state = {"train_loss": self.last_train_loss, "tokens_per_s": self.tokens_per_s,
                  "metrics_bytes": self.log.size() if self.rank == 0 else None,
-                 "data_fingerprint": self.data_fingerprint,"tokens": self.tokens, "step": self.step, "stream": self.stream.state_dict(), **self.sched.state_dict(),
+                 "data_fingerprint": self.data_fingerprint, "tokens": self.tokens, "step": self.step, "stream": self.stream.state_dict(), **self.sched.state_dict(),
                  "wall_time": self.wall_before + elapsed, "val_loss": self.last_val,
                  "world_size": self.world, "zero_stage": self.zero_stage, "recipe": self.recipe.to_dict(),
                  "spec": self.spec.to_dict(), "dsgrow_version": __version__, "stage": self.stage.index,

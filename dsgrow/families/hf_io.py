@@ -61,6 +61,10 @@ def logits(spec: ModelSpec, canonical: dict, input_ids: torch.Tensor,
         return model(input_ids=input_ids, **kwargs).logits.float()
 
 
+def _unreadable(file, e: Exception) -> SpecError:
+    return SpecError(f"{file}: not a readable safetensors file ({e}): truncated or corrupt")
+
+
 def _load_safetensors(file: str) -> dict:
     """A safetensors file's tensors, or one SpecError line for a truncated or damaged one."""
     from safetensors import SafetensorError
@@ -69,7 +73,7 @@ def _load_safetensors(file: str) -> dict:
     try:
         return load_file(file)
     except SafetensorError as e:
-        raise SpecError(f"{file}: not a readable safetensors file ({e}): truncated or corrupt") from None
+        raise _unreadable(file, e) from None
 
 
 def check_weight_files(path: str) -> None:
@@ -82,17 +86,15 @@ def check_weight_files(path: str) -> None:
             with safe_open(str(file), "pt") as f:
                 f.keys()
         except SafetensorError as e:
-            raise SpecError(f"{file}: not a readable safetensors file ({e}): truncated or corrupt") from None
+            raise _unreadable(file, e) from None
 
 
 def _read_weights(path: str) -> dict:
     st_file = os.path.join(path, "model.safetensors")
     st_index = os.path.join(path, "model.safetensors.index.json")
     pt_file = os.path.join(path, "pytorch_model.bin")
-    load_file = _load_safetensors
-
     if os.path.isfile(st_file):
-        return load_file(st_file)
+        return _load_safetensors(st_file)
     if os.path.isfile(st_index):
         with open(st_index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -101,7 +103,7 @@ def _read_weights(path: str) -> dict:
             shard_path = os.path.join(path, shard)
             if not os.path.isfile(shard_path):
                 raise FileNotFoundError(f"{shard_path}: shard listed in {st_index} is missing")
-            sd.update(load_file(shard_path))
+            sd.update(_load_safetensors(shard_path))
         return sd
     if os.path.isfile(pt_file):
         # weights_only: a pickle from disk must not be able to run code.

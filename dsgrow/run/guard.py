@@ -57,28 +57,34 @@ def check_out_path(out: Path) -> None:
         raise ConfigError(f"--out {out} exists and is not a folder")
 
 
-def collect_leftovers(out: Path) -> list[str]:
-    """Remove what a killed run leaves behind and no complete state points at: half-written
-    checkpoints (`*.partial`), checkpoints caught mid-prune (`.trash-*`), universal conversions
-    (`.universal*`), atomic-write temporaries (`.<name>.tmp<pid>`, `.<name>.<random>.tmp`) and
-    heartbeats. Only called while holding the `--out` lock: no live run can own any of them."""
+def find_leftovers(out: Path) -> list[Path]:
+    """What a killed run leaves behind and no complete state points at: half-written checkpoints
+    (`*.partial`), checkpoints caught mid-prune (`.trash-*`), universal conversions
+    (`.universal*`) and atomic-write temporaries (`.<name>.tmp<pid>`, `.<name>.<random>.tmp`)."""
     out = Path(out)
-    removed = []
-    candidates = []
+    found = []
     for folder in (out, out / "checkpoints", out / "stages"):
         if folder.is_dir():
             for p in folder.iterdir():
                 n = p.name
-                if (n.endswith(".partial") or n.startswith(".trash-") or n.startswith(".universal")
-                        or (n.startswith(".") and (".tmp" in n)) or n == HEARTBEAT_DIR):
-                    candidates.append(p)
-    for p in candidates:
+                if (n.endswith(".partial") or n.startswith((".trash-", ".universal"))
+                        or (n.startswith(".") and ".tmp" in n)):
+                    found.append(p)
+    return found
+
+
+def collect_leftovers(out: Path) -> list[str]:
+    """Remove `find_leftovers(out)` and the last run's heartbeats. Only called while holding the
+    `--out` lock: no live run can own any of them."""
+    stale = find_leftovers(out)
+    if (Path(out) / HEARTBEAT_DIR).is_dir():
+        stale.append(Path(out) / HEARTBEAT_DIR)
+    for p in stale:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-        removed.append(str(p))
-    return removed
+    return [str(p) for p in stale]
 
 
 class Heartbeat:
@@ -190,4 +196,4 @@ def _exit_job(line: str) -> None:
     os._exit(3)  # the main thread may be blocked in a collective: only a process exit ends it
 
 
-__all__ = ["OutLock", "check_out_path", "collect_leftovers", "Heartbeat", "LOCK_FILE", "HEARTBEAT_DIR"]
+__all__ = ["OutLock", "check_out_path", "find_leftovers", "collect_leftovers", "Heartbeat", "LOCK_FILE", "HEARTBEAT_DIR"]
