@@ -14,6 +14,7 @@ _LAZY = {
     "keep_model": "dsgrow.engine.grow",
     "export_hf": "dsgrow.engine.export",
     "GrowthSchedule": "dsgrow.schedules.growth_schedule",
+    "lr_schedule": "dsgrow.schedules.lr",
     "GrowthReport": "dsgrow.growth.report",
     "grow": "dsgrow.growth.api",
 }

@@ -73,6 +73,10 @@ class DataConfig:
             raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
 
 
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+LR_AFTER_GROWTH = ("restart", "continue", "rewarm")
+
+
 @dataclass
 class TrainConfig:
     tokens: Union[int, str, float, None] = None
@@ -91,8 +95,19 @@ class TrainConfig:
     lr_scaling: str = "none"
     """LR rule when the batch differs from global_batch: linear, sqrt or none."""
     lr_schedule: str = "cosine"
-    """cosine (warmup + cosine to min_lr_ratio) or constant (warmup, then flat; the schedule for
-    grow_instead_of_decay, whose decay points are the LR schedule)."""
+    """cosine (warmup + cosine to min_lr_ratio), wsd (warmup-stable-decay: warmup, flat, then a
+    decay to min_lr_ratio over the last decay_fraction of the tokens) or constant (warmup, then
+    flat; the schedule for grow_instead_of_decay, whose decay points are the LR schedule)."""
+    decay_fraction: float = 0.2
+    """wsd: the share of the schedule's tokens (the run's, with lr_after_growth continue/rewarm)
+    spent decaying."""
+    decay_shape: str = "1-sqrt"
+    """wsd: the decay's shape, 1-sqrt (Hägele et al. 2024), linear or cosine."""
+    lr_after_growth: Optional[str] = None
+    """How a staged run's LR goes on after a growth: restart (the stage runs the schedule over its
+    own tokens: warmup, then decay by the stage's end), continue (ONE schedule over the whole run's
+    tokens; unchanged by a growth), rewarm (that one schedule, ramped up from 0 over the stage's
+    warmup_tokens after the growth). None: continue for wsd, restart otherwise."""
     noise_scale: bool = False
     """Measure the gradient noise scale B_simple (McCandlish et al.) and log it."""
     noise_scale_every: int = 1
@@ -191,6 +206,12 @@ class TrainConfig:
             raise ConfigError(f"train.tokens ({tokens}) is less than one optimizer step "
                               f"({self.first_step_tokens() // self.seq_len} samples x seq_len {self.seq_len})")
 
+    def after_growth(self) -> str:
+        """train.lr_after_growth, its default resolved (continue for wsd, restart otherwise)."""
+        if self.lr_after_growth is not None:
+            return self.lr_after_growth
+        return "continue" if self.lr_schedule == "wsd" else "restart"
+
     def first_step_tokens(self) -> int:
         """Tokens of the run's first optimizer step (the smallest budget that trains at all)."""
         first = self.batch_plan().batch_at(0) if self.adaptive_batch is None else self.adaptive_batch["min"]
@@ -201,8 +222,17 @@ class TrainConfig:
 
         if self.lr_scaling not in LR_RULES:
             raise ConfigError(f"train.lr_scaling: {self.lr_scaling!r} is not one of {', '.join(LR_RULES)}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"train.lr_schedule: {self.lr_schedule!r} is not cosine or constant")
+        from .schedules.lr import DECAY_SHAPES
+
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule: {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ConfigError(f"train.decay_shape: {self.decay_shape!r} is not one of {', '.join(DECAY_SHAPES)}")
+        if (isinstance(self.decay_fraction, bool) or not isinstance(self.decay_fraction, (int, float))
+                or not 0.0 <= self.decay_fraction <= 1.0):
+            raise ConfigError(f"train.decay_fraction must be a number in [0, 1], got {self.decay_fraction!r}")
+        if self.lr_after_growth is not None and self.lr_after_growth not in LR_AFTER_GROWTH:
+            raise ConfigError(f"train.lr_after_growth: {self.lr_after_growth!r} is not one of {', '.join(LR_AFTER_GROWTH)}")
         if self.noise_scale_every <= 0 or not 0.0 <= self.noise_scale_beta < 1.0:
             raise ConfigError("train.noise_scale_every must be positive and train.noise_scale_beta in [0, 1)")
         try:

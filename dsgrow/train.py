@@ -153,7 +153,8 @@ class Trainer:
 
     def _reset_stage_state(self) -> None:
         """The schedule and meters that belong to one stage's engine."""
-        self.sched = StageSchedule(self.t)
+        self.sched = StageSchedule(self.t, run_total=self.stages[-1].end, run_warmup=self.stages[0].train.warmup_tokens,
+                                   grown=self.stage.index > 0)
         self.grad_probe = MicroBatchGradNorm(self.engine.module) if self.t.noise_scale else None
         self.last_noise: dict = {}
 
@@ -316,7 +317,7 @@ class Trainer:
             step_tokens = batch * t.seq_len
             if self.stage_tokens + step_tokens > t.tokens:
                 break  # the budget is never overrun: the stage ends at the last step that fits
-            lr = self.sched.lr_for_step(self.stage_tokens, batch)
+            lr = self.sched.lr_for_step(self.stage_tokens, batch, self.tokens)
             set_lr(self.engine, lr)
             measure = self.sched.noise is not None and (self.step + 1) % t.noise_scale_every == 0
             loss = self.train_step(batch, measure_noise=measure)
