@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+import yaml
+from pathlib import Path
 
 from conftest import REPO
 
@@ -49,14 +51,19 @@ def test_growth_vs_scratch_refuses_an_unknown_method(tmp_path):
     assert proc.returncode != 0 and "magic" in proc.stderr and not any(tmp_path.iterdir())
 
 
-def growth_vs_scratch():
-    """The benchmark script as a module (it lives outside the package)."""
+def bench_module(name: str):
+    """A benchmark script as a module (they live outside the package)."""
+    import importlib
+
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import growth_vs_scratch as gvs
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return gvs
+
+
+def growth_vs_scratch():
+    return bench_module("growth_vs_scratch")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "benchmarks" / "recipes").glob("*.yaml")))
@@ -92,3 +99,71 @@ def test_a_bad_grown_run_setting_fails_before_training(tmp_path, entry, words):
     with pytest.raises(SystemExit, match=words.replace(".", r"\.")):
         gvs.validate(cfg, ["fpi"], tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def progressive():
+    return bench_module("progressive")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "benchmarks" / "recipes" / "progressive").glob("*.yaml")))
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_progressive_benchmark_recipe_is_valid(name, quick):
+    prog = progressive()
+    cfg = prog.load_bench(str(REPO / "benchmarks" / "recipes" / "progressive" / f"{name}.yaml"), quick)
+    prog.check_recipes(cfg)  # every variant at every scale loads through dsgrow's recipe checks
+    if quick:  # the quick variants replace the full list
+        raw = yaml.safe_load((REPO / "benchmarks" / "recipes" / "progressive" / f"{name}.yaml").read_text())
+        assert list(cfg["variants"]) == list(raw["quick"]["variants"])
+
+
+def test_progressive_stages_split_on_whole_steps():
+    prog = progressive()
+    cfg = prog.load_bench(str(REPO / "benchmarks" / "recipes" / "progressive" / "tiny-gpt2.yaml"), False)
+    blk = prog.block_tokens(cfg)
+    for scale in cfg["scales"]:
+        r = prog.recipe_of(cfg, "doubling", 2e-3, 7, scale)
+        toks = [s["tokens"] for s in r["stages"]]
+        assert all(t % blk == 0 and t > 0 for t in toks)
+        assert sum(toks) == round(cfg["tokens"] * scale / blk) * blk
+        # growth points at 0.3 / 0.55 / 0.8 of the run, to the step
+        ends = [sum(toks[:i + 1]) / sum(toks) for i in range(3)]
+        assert ends == pytest.approx([0.3, 0.55, 0.8], abs=blk / sum(toks))
+        assert [s.get("model", {}).get("layers") for s in r["stages"]] == [1, 2, 4, 8]
+        assert r["train"]["lr_schedule"] == "wsd" and r["train"]["seed"] == 7 and r["train"]["tokens"] is None
+    s = prog.recipe_of(cfg, "scratch-cosine", 1e-3, 7, 1.0)
+    assert s["stages"] is None and s["train"]["tokens"] == cfg["tokens"] // blk * blk
+
+
+def test_progressive_flops_to_target():
+    f = progressive().flops_to_target
+    # log-linear between the rung above the target and the first at or below it
+    x, bound = f([(4e12, 4.9), (1e12, 5.3), (2e12, 5.1)], 5.0)
+    assert bound == "=" and x == pytest.approx((2e12 * 4e12) ** 0.5)
+    assert f([(1e12, 4.8), (2e12, 4.7)], 5.0) == (1e12, "<=")  # reached at the cheapest rung: a bound
+    assert f([(1e12, 5.8), (2e12, 5.7)], 5.0) == (None, None)
+
+
+def test_progressive_reuses_a_run_only_when_recipe_and_code_match(tmp_path, monkeypatch):
+    prog = progressive()
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # stands in for the launcher: writes a finished run
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps({"val_loss": 5.0, "train_loss": 5.1, "flops": 1e12,
+                                                      "tokens": 10, "wall_time_s": 1.0}))
+        (out / "metrics.jsonl").write_text("")
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(prog.subprocess, "run", fake_run)
+    runner = prog.Runner(tmp_path, "ds.json", {})
+    recipe = {"train": {"lr": 1e-3}}
+    runner.run("a", recipe)
+    runner.run("a", recipe)
+    assert len(calls) == 1  # same recipe, same code: reused
+    runner.run("a", {"train": {"lr": 2e-3}})
+    assert len(calls) == 2  # same label, another recipe: run again
+    runner.code = "another-code-version"
+    runner.run("a", {"train": {"lr": 2e-3}})
+    assert len(calls) == 3

@@ -4,6 +4,8 @@
     dsgrow plan --tokens 1.4T            # the compute-optimal model for that many tokens
     dsgrow plan --params 70B             # the compute-optimal token count for that size
     dsgrow plan --gpu-hours 10000 --mfu 0.4 --peak-tflops 989
+    dsgrow plan --flops 3e12 --progressive [--schedule single|doubling] [--write recipe.yaml]
+                                         # model shapes and a runnable recipe (progressive_cli.py)
 
 Standalone: python -m dsgrow.schedules.plan_cli --flops 1e21
 """
@@ -17,6 +19,9 @@ from typing import Optional, Sequence
 from .batch import ScheduleError
 from .budget import DEFAULT_FIT, FITS, compute_optimal, from_params, from_tokens, get_fit, gpu_hours_to_flops, parse_quantity
 from .planner import human, plan_growth
+from .progressive_cli import add_options as add_progressive_options
+from .progressive_cli import misplaced as misplaced_progressive_options
+from .progressive_cli import run_progressive
 
 PROG = "dsgrow plan"
 DEFAULT_MFU = 0.4
@@ -57,9 +62,10 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=_positive("peak tflops"), default=None,
                    help=f"peak TFLOP/s per GPU with --gpu-hours (default {DEFAULT_PEAK_TFLOPS:g}, H100 SXM bf16 dense)")
     p.add_argument("--fit", choices=sorted(FITS), default=DEFAULT_FIT, help=f"Chinchilla constants (default {DEFAULT_FIT})")
-    p.add_argument("--transfer", type=_fraction("transfer", allow_zero=True), default=1.0,
+    p.add_argument("--transfer", type=_fraction("transfer", allow_zero=True), default=None,
                    help="fraction of the loss-matched tokens credited after growth (default 1, the ideal)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_progressive_options(p)
     p.set_defaults(func=run, _plan_parser=p)
     return p
 
@@ -91,6 +97,14 @@ def run(args: argparse.Namespace) -> int:
     given = [name for name in ("flops", "tokens", "params", "gpu_hours") if getattr(args, name, None) is not None]
     if len(given) != 1:
         return _error(args, "give exactly one of --flops, --tokens, --params, --gpu-hours")
+    progressive = getattr(args, "progressive", False)
+    misplaced = [] if progressive else misplaced_progressive_options(args)
+    if misplaced:
+        verb = "applies" if len(misplaced) == 1 else "apply"
+        return _error(args, f"{', '.join(misplaced)} {verb} only with --progressive")
+    if progressive and args.transfer is not None:
+        return _error(args, "--transfer applies to the two-stage plan, not to --progressive")
+    transfer = 1.0 if args.transfer is None else args.transfer
     fit = get_fit(args.fit)
     try:
         if args.flops is not None:
@@ -106,8 +120,10 @@ def run(args: argparse.Namespace) -> int:
             peak = args.peak_tflops if args.peak_tflops is not None else DEFAULT_PEAK_TFLOPS
             flops = gpu_hours_to_flops(gpu_hours, mfu, peak)
             source = f"{gpu_hours:g} GPU hours x {mfu:g} MFU x {peak:g} TFLOP/s"
+        if progressive:
+            return run_progressive(args, flops, source, lambda msg: _error(args, msg))
         n_opt, d_opt = compute_optimal(flops, fit)
-        plan = plan_growth(flops, fit, transfer=args.transfer)
+        plan = plan_growth(flops, fit, transfer=transfer)
     except ScheduleError as e:
         return _error(args, str(e))
 
