@@ -64,7 +64,8 @@ def test_doubling_depths_and_token_split():
     assert max(early) - min(early) <= plan.global_batch * plan.seq_len  # split evenly, to a step
     assert sum(early) / plan.total_tokens == pytest.approx(0.8, abs=0.002)
     # stack needs integer multiples: the shape rule only picks depths doubling reaches
-    auto = plan_progressive(1e21, "gpt2", schedule="doubling", vocab_size=50257, seq_len=2048, global_batch=512)
+    auto = plan_progressive(1e21, "gpt2", schedule="doubling", method="stack", vocab_size=50257, seq_len=2048,
+                            global_batch=512)
     assert [s.spec.layers for s in auto.stages] == [1, 2, 4, 8, 16, 32]
     interp = plan_progressive(1e15, "gpt2", schedule="doubling", method="interpolate", layers=12, hidden=64)
     assert [s.spec.layers for s in interp.stages] == [1, 2, 4, 8, 12]
@@ -138,8 +139,8 @@ def test_written_recipe_loads_with_the_planned_stages(tmp_path, capsys, family, 
     (["--flops", "3e12", "--progressive", "--method", "warp"], "unknown growth method 'warp'"),
     (["--flops", "3e12", "--progressive", "--method", "random"], "thrown away"),
     (["--flops", "3e12", "--progressive", "--method", "ligo"], "does not budget"),
-    (["--flops", "3e12", "--progressive", "--schedule", "doubling", "--layers", "12", "--hidden", "32"],
-     "8 -> 12 layers"),
+    (["--flops", "3e12", "--progressive", "--schedule", "doubling", "--method", "stack", "--layers", "12",
+      "--hidden", "32"], "8 -> 12 layers"),
     (["--flops", "3e12", "--progressive", "--layers", "4"], "--layers and --hidden"),
     (["--flops", "3e12", "--progressive", "--transfer", "0.5"], "--transfer"),
     (["--flops", "1e9", "--progressive"], "too small"),
@@ -168,7 +169,7 @@ def test_existing_file_is_kept_unless_forced(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err and path.read_text() == "mine\n"
     assert main([*argv, "--force"]) == 0
     assert "recipe written to" in capsys.readouterr().out
-    assert yaml.safe_load(path.read_text())["stages"][1]["grow"] == {"method": "stack"}
+    assert yaml.safe_load(path.read_text())["stages"][1]["grow"] == {"method": "fpi"}  # the default
 
 
 def test_header_command_reproduces_the_recipe(tmp_path, capsys):
@@ -224,7 +225,7 @@ def test_planned_recipe_runs_through_the_launcher(tmp_path, capsys):
     assert summary["tokens"] == plan["total_tokens"] and summary["stages"] == 2
     assert summary["flops"] == pytest.approx(plan["total_flops"], rel=1e-9)
     growth = summary["growth_events"][0]
-    assert growth["method"] == "stack" and growth["tokens"] == plan["stages"][0]["tokens"]
+    assert growth["method"] == "fpi" and growth["tokens"] == plan["stages"][0]["tokens"]
     logged = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in m]
     stable = [m["lr"] for m in logged if m["stage"] == 0 and m["tokens"] > 0.1 * plan["total_tokens"]]
     assert stable and all(lr == pytest.approx(2e-3) for lr in stable)

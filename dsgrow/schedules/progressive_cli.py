@@ -46,7 +46,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grow-at", type=float,
                    help=f"share of the tokens before the final growth (default {DEFAULT_GROW_AT})")
     g.add_argument("--start-layers", type=int, help="depth of the first stage (default 1)")
-    g.add_argument("--method", help="growth method (default stack; also interpolate, fpi, aki, hyperclone)")
+    g.add_argument("--method", help="growth method (default fpi: new layers start as identities, the best in benchmarks/progressive.py; also stack, interpolate, aki, hyperclone)")
     g.add_argument("--vocab", type=int, help="vocabulary size (default 2048)")
     g.add_argument("--seq-len", type=int, help="tokens per sample (default 128)")
     g.add_argument("--global-batch", type=int, help="samples per optimizer step (default 32)")

@@ -238,7 +238,7 @@ def _stage_tokens(flops: float, shares: list[float], costs: list[float], step: i
 
 
 def plan_progressive(flops: float, family: str = "gpt2", *, fit: FitLike = DEFAULT_FIT, schedule: str = "single",
-                     grow_at: float = DEFAULT_GROW_AT, start_layers: int = 1, method: str = "stack",
+                     grow_at: float = DEFAULT_GROW_AT, start_layers: int = 1, method: str = "fpi",
                      vocab_size: int = 2048, seq_len: int = 128, micro_batch: int = 16, global_batch: int = 32,
                      lr: float = 2e-3, layers: Optional[int] = None, hidden: Optional[int] = None,
                      heads: Optional[int] = None) -> ProgressivePlan:
