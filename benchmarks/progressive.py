@@ -320,7 +320,7 @@ def plot(cfg: dict, res: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("total training FLOPs (every stage, fits included)")
     ax.set_ylabel("final held-out loss")
-    ax.set_title(f"{cfg['name']}: each point a complete run (token-scale ladder); dotted: scratch per seed")
+    ax.set_title(f"{cfg['name']}: complete runs per token scale; dotted: scratch, per seed", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

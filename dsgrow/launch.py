@@ -143,6 +143,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"(train.collective_timeout_s): another rank stopped, crashed or lost its connection; see that "
               f"rank's output ({_one_line(e)[:200]})", file=sys.stderr)
         return 3
+    finally:
+        from .engine.runtime import release_distributed
+
+        release_distributed()  # main() called from Python leaves no process group or env behind
     return 0
 
 

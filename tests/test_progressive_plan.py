@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -221,6 +222,10 @@ def test_planned_recipe_runs_through_the_launcher(tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)["plan"]
     overrides = ["train.eval_every=0", "train.checkpoint_every=0", "train.eval_samples=8", "export_hf=false"]
     assert launch(["--recipe", str(path), "--out", str(out), *[a for o in overrides for a in ("--set", o)]]) == 0
+    # Run from Python, the launcher leaves no process group and no MASTER_PORT for later processes.
+    import torch.distributed as dist
+
+    assert not dist.is_initialized() and "MASTER_PORT" not in os.environ and "WORLD_SIZE" not in os.environ
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens"] == plan["total_tokens"] and summary["stages"] == 2
     assert summary["flops"] == pytest.approx(plan["total_flops"], rel=1e-9)

@@ -36,6 +36,9 @@ def has_gpu() -> bool:
     return get_accelerator().device_name() == "cuda"
 
 
+_SELF_MADE: dict = {}  # the env init_distributed exported for a world of one it created itself
+
+
 def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     """Join (or, run as a plain `python` script, create) the process group; returns rank, world, local rank.
 
@@ -45,8 +48,9 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     import deepspeed
 
     if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        made = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(made)
+        _SELF_MADE.update(made)
     if not dist.is_initialized():
         backend = "nccl" if has_gpu() else "gloo"
         kwargs = {}
@@ -59,6 +63,21 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     if has_gpu():
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def release_distributed() -> None:
+    """Undo a world of one that init_distributed made itself (a run started from Python, not by a
+    launcher): destroy the process group, whose store keeps listening on MASTER_PORT, and remove the
+    env it exported, which child processes would inherit and then fail to bind that port. A
+    launcher's group and env are the launcher's: left alone."""
+    if not _SELF_MADE:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in _SELF_MADE.items():
+        if os.environ.get(key) == value:
+            del os.environ[key]
+    _SELF_MADE.clear()
 
 
 def rank_world() -> tuple[int, int]:
