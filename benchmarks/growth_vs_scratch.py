@@ -57,13 +57,19 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
-def load_bench(path: str, quick: bool) -> dict:
+def read_bench(path: str, known: set) -> dict:
+    """A benchmark YAML as a mapping whose top-level keys are all in `known` (else one line, exit)."""
     cfg = yaml.safe_load(Path(path).read_text())
     if not isinstance(cfg, dict):
         raise SystemExit(f"{path}: expected a mapping")
-    unknown = sorted(set(cfg) - KNOWN)
+    unknown = sorted(set(cfg) - known)
     if unknown:
-        raise SystemExit(f"{path}: unknown key {unknown[0]} (known: {', '.join(sorted(KNOWN))})")
+        raise SystemExit(f"{path}: unknown key {unknown[0]} (known: {', '.join(sorted(known))})")
+    return cfg
+
+
+def load_bench(path: str, quick: bool) -> dict:
+    cfg = read_bench(path, KNOWN)
     if quick:
         cfg = merge(cfg, cfg.get("quick") or {})
     cfg.pop("quick", None)

@@ -51,19 +51,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dsgrow.config import parse_count  # noqa: E402
-from growth_vs_scratch import merge  # noqa: E402  (this folder is on sys.path: a script, or the tests)
+from growth_vs_scratch import merge, read_bench  # noqa: E402  (this folder is on sys.path: a script, or the tests)
 
 KNOWN = {"name", "base", "tokens", "lrs", "tune_seed", "seeds", "scales", "variants", "quick"}
 VARIANT_KEYS = {"schedule", "stages", "grow", "lrs", "tune_only", "train"}
 
 
 def load_bench(path: str, quick: bool) -> dict:
-    cfg = yaml.safe_load(Path(path).read_text())
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"{path}: expected a mapping")
-    unknown = sorted(set(cfg) - KNOWN)
-    if unknown:
-        raise SystemExit(f"{path}: unknown key {unknown[0]} (known: {', '.join(sorted(KNOWN))})")
+    cfg = read_bench(path, KNOWN)
     if quick:
         q = cfg.get("quick") or {}
         cfg = merge(cfg, {k: v for k, v in q.items() if k != "variants"})
@@ -174,7 +169,7 @@ def result(out: Path) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     events = [r for r in rows if r.get("event") == "growth"]
     return {"val_loss": s["val_loss"], "train_loss": s["train_loss"], "flops": s["flops"], "tokens": s["tokens"],
-            "wall_s": s["wall_time_s"] if "wall_time_s" in s else s.get("wall_time"),
+            "wall_s": s["wall_time_s"],
             "growths": [{"step": e["step"], "loss_before": e["loss_before"], "loss_after": e["loss_after"]}
                         for e in events]}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..config import TrainConfig
 from ..schedules.batch import lr_factor_at, scale_lr
-from ..schedules.lr import warmup_cosine, warmup_stable_decay
+from ..schedules.lr import lr_at
 from ..schedules.noise_scale import NoiseScaleEstimator
 
 
@@ -48,12 +48,7 @@ class StageSchedule:
     def base_lr(self, pos: float, total: float, warmup: float) -> float:
         """The schedule's LR at token `pos` of a schedule `total` tokens long (before batch scaling)."""
         t = self.t
-        if t.lr_schedule == "cosine":
-            return warmup_cosine(pos, total, t.lr, warmup, t.min_lr_ratio)
-        if t.lr_schedule == "wsd":
-            return warmup_stable_decay(pos, total, t.lr, warmup, t.decay_fraction * total, t.min_lr_ratio,
-                                       t.decay_shape)
-        return t.lr * min(1.0, pos / warmup) if warmup else t.lr
+        return lr_at(t.lr_schedule, pos, total, t.lr, warmup, t.min_lr_ratio, t.decay_fraction, t.decay_shape)
 
     def after_step(self, step: int) -> None:
         """The adaptive batch follows the noise scale every `adaptive_batch.every` steps."""

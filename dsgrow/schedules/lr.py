@@ -69,6 +69,20 @@ def warmup_stable_decay(tokens: float, total_tokens: float, peak_lr: float, warm
     return floor + (peak_lr - floor) * frac
 
 
+def lr_at(kind: str, tokens: float, total_tokens: float, peak_lr: float, warmup_tokens: float = 0.0,
+          min_lr_ratio: float = 0.1, decay_fraction: float = 0.2, decay_shape: str = "1-sqrt") -> float:
+    """The LR of schedule `kind` (cosine | wsd | constant: warmup, then flat) at `tokens` of a
+    schedule `total_tokens` long; the one dispatch behind `lr_schedule` and the trainer's stages."""
+    if kind == "cosine":
+        return warmup_cosine(tokens, total_tokens, peak_lr, warmup_tokens, min_lr_ratio)
+    if kind == "wsd":
+        return warmup_stable_decay(tokens, total_tokens, peak_lr, warmup_tokens, decay_fraction * total_tokens,
+                                   min_lr_ratio, decay_shape)
+    if kind == "constant":
+        return peak_lr * min(1.0, tokens / warmup_tokens) if warmup_tokens else peak_lr
+    raise ValueError(f"lr_schedule: unknown kind {kind!r} (cosine, wsd or constant)")
+
+
 def lr_schedule(kind: str, total_tokens: float, peak_lr: float, warmup_tokens: float = 0.0,
                 min_lr_ratio: float = 0.1, decay_fraction: float = 0.2, decay_shape: str = "1-sqrt"):
     """A schedule as a function tokens -> LR, for a user's own loop (`GrowthSchedule.lr` takes it):
@@ -76,15 +90,10 @@ def lr_schedule(kind: str, total_tokens: float, peak_lr: float, warmup_tokens: f
         sched = dsgrow.lr_schedule("wsd", total_tokens=10e9, peak_lr=3e-4, warmup_tokens=2e8)
         lr = growth_plan.lr(sched, tokens)     # one schedule over the whole run, across growths
 
-    kind: cosine | wsd | constant (warmup, then flat)."""
-    if kind == "cosine":
-        return lambda t: warmup_cosine(t, total_tokens, peak_lr, warmup_tokens, min_lr_ratio)
+    kind: cosine | wsd | constant (warmup, then flat). Bad arguments raise here, not at step N."""
     if kind == "wsd":
         if not 0.0 <= decay_fraction <= 1.0:
             raise ValueError(f"WSD decay_fraction must be in [0, 1], got {decay_fraction}")
-        warmup_stable_decay(0.0, 1.0, 1.0, shape=decay_shape)  # checks the shape now, not at step N
-        return lambda t: warmup_stable_decay(t, total_tokens, peak_lr, warmup_tokens,
-                                             decay_fraction * total_tokens, min_lr_ratio, decay_shape)
-    if kind == "constant":
-        return lambda t: peak_lr * min(1.0, t / warmup_tokens) if warmup_tokens else peak_lr
-    raise ValueError(f"lr_schedule: unknown kind {kind!r} (cosine, wsd or constant)")
+    # Evaluated once now so that an unknown kind or WSD shape raises here, not at step N.
+    lr_at(kind, 0.0, total_tokens, peak_lr, warmup_tokens, min_lr_ratio, decay_fraction, decay_shape)
+    return lambda t: lr_at(kind, t, total_tokens, peak_lr, warmup_tokens, min_lr_ratio, decay_fraction, decay_shape)
