@@ -17,6 +17,9 @@ _LAZY = {
     "lr_schedule": "dsgrow.schedules.lr",
     "GrowthReport": "dsgrow.growth.report",
     "grow": "dsgrow.growth.api",
+    "mup_model": "dsgrow.families.mup",
+    "mup_param_groups": "dsgrow.families.mup",
+    "set_lr": "dsgrow.engine.runtime",
 }
 
 

@@ -75,6 +75,26 @@ def test_user_loop_grows_mid_run_function_preserved(tmp_path, stage, optimizer):
     assert all(torch.equal(grown[k], ref[k]) for k in grown)
 
 
+def test_user_loop_grows_under_mup(tmp_path):
+    """muP in a user's loop under ZeRO-3: 64 wide (the base) -> 128; the function is kept, the
+    hidden matrices' LR halves with the width (same base LR, no retuning), and the exports fold
+    muP away (plain transformers, the offline SP growth's weights)."""
+    growth, steps = run_loop(tmp_path, 3, "--mup", "64")
+    assert growth["loss_after"] == pytest.approx(growth["loss_before"], abs=1e-5), growth
+    assert growth["large"]["parametrization"] == "mup" and growth["large"]["base_hidden"] == 64
+    by_step = {s["step"]: s for s in steps}
+    before, after = by_step[19], by_step[30]
+    assert before["group_lrs"] == [before["lr"]] * 3  # hidden, embeddings, vectors at m = 1
+    assert after["group_lrs"] == pytest.approx([after["lr"] / 2, after["lr"], after["lr"]])
+    after_losses = [s["loss"] for s in steps if s["step"] >= 20]
+    assert sum(after_losses[-5:]) / 5 < sum(after_losses[:5]) / 5 - 0.1, after_losses
+    assert "dsgrow_mup" not in json.loads((tmp_path / "m" / "grown" / "config.json").read_text())
+    grown = load_file(str(tmp_path / "m" / "grown" / "model.safetensors"))
+    ref = offline_grow(tmp_path, "fpi")
+    assert set(grown) == set(ref)
+    assert all(torch.allclose(grown[k], ref[k], rtol=0, atol=1e-6) for k in grown)
+
+
 def test_user_loop_ligo_equals_offline_build(tmp_path):
     # LiGO unfitted (its init is seeded, so the offline build can repeat it) under ZeRO-3.
     growth, _ = run_loop(tmp_path, 3, "--method", "ligo")

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from ..families import mup
+
 
 def export_hf(engine, dest, tokenizer=None) -> Path:
     """Write `engine.module` (an HF model) with its fp32 master weights to `dest`; returns `dest`.
@@ -22,8 +24,12 @@ def export_hf(engine, dest, tokenizer=None) -> Path:
     dest = Path(dest)
     sd = gather_fp32_state_dict(engine)
     if rank_world()[0] == 0:
+        cfg = engine.module.config
+        spec = mup.spec_of_config(cfg)
+        if spec is not None:  # muP folded into the weights: plain transformers gives the same logits
+            sd, cfg = mup.fold_hf_state_dict(spec, sd), mup.sp_config(cfg)
         with hf_zero_init(None):  # a plain CPU model, even while a ZeRO-3 config is alive
-            model = type(engine.module)._from_config(engine.module.config, dtype=torch.float32)
+            model = type(engine.module)._from_config(cfg, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         if unexpected or any(k not in tied and not k.endswith("lm_head.weight") and "decoder.weight" not in k

@@ -168,6 +168,11 @@ def grow_engine(engine, target, method: str = "ligo", *, fit_steps: int = 0, fit
     recipe = capture(engine, lr_scheduler) if build_engine is None else None
     if recipe is not None and ds_config is not None:
         recipe.ds_config = copy.deepcopy(ds_config)
+    if recipe is not None and large.mup:
+        # muTransfer across the growth: the same base LR, the large width's multipliers.
+        from ..families.mup import rescale_groups
+
+        rescale_groups(recipe.group_hparams, large)
     ds_cfg = ds_config if ds_config is not None else copy.deepcopy(engine._config._param_dict)
     hf_cfg = large_hf_config(engine.module.config, small, large)
     # Both sides through from_hf_config: defaults (tying, eps) made explicit the same way.

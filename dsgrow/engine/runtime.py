@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..families import mup
 from ..families.hf_io import hf_model_class
 from ..families.spec import ModelSpec
 
@@ -145,10 +146,31 @@ def build_model(spec: ModelSpec, ds_cfg: dict, seed: int, init_from: Optional[st
             return model_class._from_config(cfg, dtype=torch.float32)
         return hf_model_class(spec).from_config(cfg)
 
+    # An exported model is SP (dsgrow folds muP away on export); a muP recipe starting from one
+    # gets its weights unfolded into muP's (same function) and written like a growth's.
+    unfold_from = init_from if init_from is not None and spec.mup and _is_folded(init_from) else None
+    if unfold_from is not None:
+        init_from = None
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), hf_zero_init(ds_cfg if zero3 else None):
         torch.manual_seed(seed)  # every rank builds the same initial weights
-        return build()
+        model = mup.prepare(build(), fresh=init_from is None and unfold_from is None)
+    if unfold_from is not None:
+        from ..families import from_canonical, load_hf_dir
+        from .grow_io import write_weights
+
+        _, canonical = load_hf_dir(unfold_from)
+        sd = from_canonical(spec, mup.unfold(spec, canonical))
+        write_weights(model, sd.__getitem__)
+    return model
+
+
+def _is_folded(path: str) -> bool:
+    """Whether an HF model dir holds a standard-parametrised model (no dsgrow_mup in its config)."""
+    import json
+
+    with open(os.path.join(path, "config.json")) as f:
+        return mup.MUP_CONFIG_KEY not in json.load(f)
 
 
 @contextmanager
@@ -173,7 +195,10 @@ def hf_zero_init(ds_cfg: Optional[dict]):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; never biases or norm gains (their shapes are 1-D)."""
+    """Decay matrices and embeddings; never biases or norm gains (their shapes are 1-D). A muP
+    model's groups also carry its LR multipliers (families/mup.py)."""
+    if mup.spec_of_config(getattr(model, "config", None)) is not None:
+        return mup.param_groups(model, weight_decay)
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
@@ -189,6 +214,9 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict, lr: float, betas, eps: fl
     import deepspeed
 
     groups = param_groups(model, weight_decay)
+    for g in groups:
+        if "lr_scale" in g:  # muP: each group starts at its own LR
+            g["lr"] = lr * g["lr_scale"]
     if "optimizer" in ds_cfg:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
     else:
@@ -204,8 +232,9 @@ def set_train_batch_size(engine, batch: int) -> None:
 
 
 def set_lr(engine, lr: float) -> None:
+    """The schedule's LR into every param group, times the group's own `lr_scale` (muP's 1/m)."""
     for g in engine.optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def gather_fp32_state_dict(engine, all_ranks: bool = False) -> Optional[dict[str, torch.Tensor]]:

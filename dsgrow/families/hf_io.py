@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from . import mup
 from .canonical import from_canonical, to_canonical, validate_canonical
 from .spec import ModelSpec, SpecError
 
@@ -38,6 +39,7 @@ def build_hf_model(spec: ModelSpec, seed: Optional[int] = None) -> torch.nn.Modu
         if seed is not None:
             torch.manual_seed(seed)
         model = hf_model_class(spec).from_config(cfg, dtype=torch.float32)
+        mup.prepare(model, fresh=True)
     return model.float().eval()
 
 
@@ -134,6 +136,8 @@ def save_hf_dir(spec: ModelSpec, canonical: dict, path: str | os.PathLike,
     the old copy survives as ``path.old-<pid>``).
     """
     validate_canonical(spec, canonical)
+    # A muP model is written as the SP model with the same logits: plain transformers has no muP.
+    spec, canonical = mup.fold(spec, canonical)
     path = os.path.normpath(os.fspath(path))
     tok_files = []
     if tokenizer_dir is not None:

@@ -6,10 +6,14 @@ modules are built here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional
 
 FAMILIES = ("gpt2", "llama", "bert")
+PARAMETRIZATIONS = ("sp", "mup")
+MUP_CONFIG_KEY = "dsgrow_mup"
+"""The HF config attribute a muP model's base sizes travel in (inside dsgrow; exports fold muP away)."""
 
 
 class SpecError(ValueError):
@@ -46,6 +50,13 @@ class ModelSpec:
     """RoPE base (llama)."""
     init_std: float = 0.02
     """Std of the normal init of weight matrices and embeddings."""
+    parametrization: str = "sp"
+    """sp (standard, the default) | mup (maximal update parametrisation, see families/mup.py)."""
+    base_hidden: Optional[int] = None
+    """muP only: the width the hyperparameters were tuned at (width multiplier = hidden / base_hidden)."""
+    base_head_dim: Optional[int] = None
+    """muP only: the head_dim the attention scale is anchored at (scale sqrt(base_head_dim) / head_dim,
+    muP's 1/d). None: this model's head_dim (growth moves heads whole, so head_dim never changes)."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -66,6 +77,19 @@ class ModelSpec:
             raise SpecError(f"model.vocab_size must be >= 0, got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise SpecError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise SpecError(f"model.parametrization: unknown {self.parametrization!r} (choose from sp, mup)")
+        for name in ("base_hidden", "base_head_dim"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if self.parametrization != "mup":
+                raise SpecError(f"model.{name} is a muP setting; set model.parametrization: mup or drop it")
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise SpecError(f"model.{name} must be a positive integer, got {v!r}")
+        if self.parametrization == "mup" and self.base_hidden is None:
+            raise SpecError("model.base_hidden is required with parametrization: mup (the width the "
+                            "hyperparameters were tuned at, e.g. the first stage's hidden)")
 
     # Derived sizes --------------------------------------------------------------------------
     @property
@@ -104,6 +128,27 @@ class ModelSpec:
     def learned_positions(self) -> bool:
         """A position embedding table (gpt2, bert); llama's RoPE has none."""
         return self.family != "llama"
+
+    @property
+    def mup(self) -> bool:
+        return self.parametrization == "mup"
+
+    @property
+    def width_mult(self) -> float:
+        """hidden / base_hidden under muP; 1.0 in the standard parametrisation."""
+        return self.hidden / self.base_hidden if self.mup else 1.0
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor on q.k: 1/sqrt(head_dim) (SP); sqrt(base_head_dim)/head_dim (muP's 1/d, equal
+        to SP's at the base head_dim)."""
+        if not self.mup:
+            return 1.0 / math.sqrt(self.head_dim)
+        return math.sqrt(self.base_head_dim or self.head_dim) / self.head_dim
+
+    def as_sp(self) -> "ModelSpec":
+        """The same sizes in the standard parametrisation (what a folded muP model is)."""
+        return replace(self, parametrization="sp", base_hidden=None, base_head_dim=None)
 
     def with_vocab(self, vocab_size: int) -> "ModelSpec":
         return replace(self, vocab_size=vocab_size)
@@ -149,7 +194,14 @@ class ModelSpec:
 
     # Hugging Face ---------------------------------------------------------------------------
     def to_hf_config(self):
-        """The `transformers` config of this spec's family (needs vocab_size set)."""
+        """The `transformers` config of this spec's family (needs vocab_size set). A muP spec's
+        base sizes ride along as the config attribute `dsgrow_mup` (see families/mup.py)."""
+        cfg = self._sp_hf_config()
+        if self.mup:
+            setattr(cfg, MUP_CONFIG_KEY, {"base_hidden": self.base_hidden, "base_head_dim": self.base_head_dim})
+        return cfg
+
+    def _sp_hf_config(self):
         if self.vocab_size <= 0:
             raise SpecError("model.vocab_size is not set (it comes from the tokenizer)")
         import transformers as tf
@@ -184,6 +236,17 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, cfg) -> "ModelSpec":
         """Inverse of `to_hf_config` for the fields dsgrow models."""
+        spec = cls._from_sp_hf_config(cfg)
+        mup = getattr(cfg, MUP_CONFIG_KEY, None)
+        if mup is None:
+            return spec
+        if not isinstance(mup, dict) or set(mup) - {"base_hidden", "base_head_dim"}:
+            raise SpecError(f"config attribute {MUP_CONFIG_KEY}: expected {{base_hidden, base_head_dim}}, got {mup!r}")
+        return replace(spec, parametrization="mup", base_hidden=mup.get("base_hidden"),
+                       base_head_dim=mup.get("base_head_dim"))
+
+    @classmethod
+    def _from_sp_hf_config(cls, cfg) -> "ModelSpec":
         mt = cfg.model_type
         if mt == "gpt2":
             return cls(family="gpt2", layers=cfg.n_layer, hidden=cfg.n_embd, heads=cfg.n_head,

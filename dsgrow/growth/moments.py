@@ -42,6 +42,9 @@ def transfer_methods() -> tuple:
 
 def check_transfer(small: ModelSpec, large: ModelSpec, method: str, opts: dict) -> None:
     """One-line GrowthError unless the moments of this growth have an exact image."""
+    if small.mup:
+        raise GrowthError("optimizer: transfer is not supported under muP (the moments would need the "
+                          "readout's fold and the per-group LR change too); use optimizer: reset")
     if method not in transfer_methods():
         raise GrowthError(f"optimizer: transfer needs a function-preserving copy operator "
                           f"({', '.join(transfer_methods())}); {method} does not preserve the function, "

@@ -423,6 +423,11 @@ def check_growth(small: ModelSpec, large: ModelSpec, method: str = "", copy_head
     for name in ("tied", "eps", "rope_theta"):
         if getattr(small, name) != getattr(large, name):
             raise GrowthError(f"{name} must match: small {getattr(small, name)}, target {getattr(large, name)}")
+    from ..families.mup import check_same_base
+
+    why = check_same_base(small, large)
+    if why:
+        raise GrowthError(why)
     sizes = {"hidden": (small.hidden, large.hidden), "heads": (small.heads, large.heads),
              "kv_heads": (small.n_kv_heads, large.n_kv_heads), "ffn": (small.ffn_dim, large.ffn_dim),
              "layers": (small.layers, large.layers)}

@@ -80,6 +80,21 @@ class GrowthMethod:
 
     def stream(self, small: ModelSpec, canonical: dict, large: ModelSpec, opts: dict,
                fit: Optional[FitRequest] = None) -> Built:
+        if small.mup:
+            # Operators (and LiGO's fit) work on the SP model with the same function: the small
+            # model folded in, the large one's readout multiplier taken back out. Function
+            # preservation in SP is then function preservation under muP.
+            from ..families import mup
+
+            small_sp, canonical = mup.fold(small, canonical)
+            built = self._stream(small_sp, canonical, large.as_sp(), opts, fit)
+            mup.unfold_stream(large, built.stream)
+            built.stream.spec = large
+            return built
+        return self._stream(small, canonical, large, opts, fit)
+
+    def _stream(self, small: ModelSpec, canonical: dict, large: ModelSpec, opts: dict,
+                fit: Optional[FitRequest] = None) -> Built:
         from .stream import canonical_stream, fixed_layer_stream
 
         if self.streamer is not None:

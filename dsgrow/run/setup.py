@@ -115,6 +115,8 @@ def check_init_from(path: str, spec: ModelSpec) -> None:
     check_weight_files(path)  # a truncated copy: one line now, not a traceback from transformers later
     theirs = ModelSpec.from_hf_config(tf.AutoConfig.from_pretrained(path, local_files_only=True))
     ours = ModelSpec.from_hf_config(spec.to_hf_config())  # defaults (ffn, eps, tying) made explicit
+    if ours.mup and not theirs.mup:
+        ours = ours.as_sp()  # an exported (folded) model: build_model unfolds it into the recipe's muP
     if theirs != ours:
         diff = {k: (v, ours.to_dict()[k]) for k, v in theirs.to_dict().items() if ours.to_dict().get(k) != v}
         raise ConfigError(f"train.init_from: {path} holds another model than the recipe's "

@@ -7,7 +7,7 @@
         if plan.due(tokens, done=len(reports)):
             engine, report = dsgrow.grow_engine(engine, ...); reports.append(report)
         lr = plan.lr(my_schedule, tokens)       # my_schedule: tokens -> LR, the whole run's
-        for g in engine.optimizer.param_groups: g["lr"] = lr
+        for g in engine.optimizer.param_groups: g["lr"] = lr * g.get("lr_scale", 1.0)  # muP groups
 
 Pure functions of the counter the loop already keeps (tokens or steps): nothing to checkpoint,
 a resumed loop gets the same answers. `lr` offers the usual continuations: "continue" (one

@@ -31,6 +31,8 @@ p.add_argument("--fit_steps", type=int, default=0)
 p.add_argument("--optimizer_state", default="reset", choices=["reset", "transfer"])
 p.add_argument("--target", default='{"layers": 4, "hidden": 128}', help="JSON sizes, or an HF config dir")
 p.add_argument("--lr", type=float, default=1e-3)
+p.add_argument("--mup", type=int, default=0, metavar="BASE_HIDDEN",
+               help="train under muP with this base width (the LR is the base width's; growth keeps it)")
 p.add_argument("--report", default=None, help="append one JSON line per event here (rank 0)")
 p.add_argument("--save_dir", default=None, help="save the model before and after growth (HF format)")
 p = deepspeed.add_config_arguments(p)
@@ -60,9 +62,15 @@ torch.manual_seed(0)
 model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
     vocab_size=256, n_positions=seq, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
     attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
-decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # no weight decay on norms and biases
-groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+if args.mup:
+    # muP: base sizes into the config, muP's init and multipliers; the groups carry each LR multiplier
+    # (lr_scale), and grow_engine gives the grown model the large width's multipliers.
+    dsgrow.mup_model(model, base_hidden=args.mup)
+    groups = dsgrow.mup_param_groups(model, weight_decay=0.1, lr=args.lr)
+else:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # no weight decay on norms and biases
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
 optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=ds_config)
 
@@ -90,12 +98,14 @@ for step in range(args.steps):
         if rank == 0:
             print(report.summary(), flush=True)
         log(event="growth", step=step, **report.to_dict())
-    for g in engine.optimizer.param_groups:  # the LR, continued across the growth by the plan
-        g["lr"] = plan.lr(lambda s: args.lr * min(1.0, (s + 1) / 10), step + 1)
+    lr = plan.lr(lambda s: args.lr * min(1.0, (s + 1) / 10), step + 1)  # continued across the growth
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # muP's per-group multiplier (absent: 1)
     loss = engine(**batch(step)).loss
     engine.backward(loss)
     engine.step()
-    log(step=step, loss=float(loss), layers=engine.module.config.n_layer)
+    log(step=step, loss=float(loss), layers=engine.module.config.n_layer, lr=lr,
+        group_lrs=[g["lr"] for g in engine.optimizer.param_groups])
 # Every rank done with its collectives before any leaves the process group (gloo aborts otherwise).
 torch.distributed.barrier()
 engine.destroy()
