@@ -16,6 +16,9 @@ DeepSpeed config (the new Trainer's args decide it). What does not: the optimize
 Trainer builds a fresh optimizer; `optimizer="transfer"` is refused here), the LR scheduler and
 the global step (give the new Trainer the remaining steps and a warmup in its own arguments),
 and the data order (pass the new Trainer the data it has not seen, or seed it differently).
+A muP model (`dsgrow.mup_model`) comes back muP at the grown width; give the new Trainer its
+muP optimizer, `optimizers=(torch.optim.AdamW(dsgrow.mup_param_groups(big, wd, lr=lr)), None)`:
+the Trainer's own optimizer would train every tensor at one LR.
 """
 from __future__ import annotations
 
