@@ -20,7 +20,7 @@ loss of scratch at its best LR), SP next to muP. Every run has its own cosine sc
 to 10%); the crossing is read off the grown run's held-out curve (linear in FLOPs between evals).
 
 Data: bytes of the offline Shakespeare corpus (vocab 256), held-out = the last 5% of blocks.
-Training is an in-process torch AdamW loop over dsgrow's own model building, muP groups and
+AdamW (0.9, 0.95), no weight decay, gradient clipping 1.0. Training is an in-process torch loop over dsgrow's own model building, muP groups and
 growth operators (DeepSpeed's path is covered by tests/test_mup.py and tests/test_plugin.py).
 A finished run is cached under --work by a key of its full settings and the sha256 of dsgrow's
 sources and this script; anything else runs again.
@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 VOCAB = 256
 FULL = {"widths": [32, 64, 128, 256], "lrs": [2.0 ** k for k in range(-13, -3)], "steps": 200, "seeds": [1, 2],
-        "batch": 16, "seq": 64, "evals": 10, "eval_batches": 16,
+        "batch": 16, "seq": 64, "evals": 10, "eval_batches": 16, "grad_clip": 1.0,
         "small": {"layers": 2, "hidden": 64, "heads": 4}, "large": {"layers": 4, "hidden": 256, "heads": 16},
         "small_steps": 250, "large_steps": 300, "grow": {"method": "hyperclone", "noise": 0.05},
         "growth_seed": 1, "lr_factors": [0.125, 0.25, 0.5, 1.0, 2.0, 4.0]}
@@ -106,7 +106,7 @@ class Runs:
         c = self.cfg
         desc = {"spec": spec.to_dict(), "lr": lr, "steps": steps, "seed": seed, "init": init_key,
                 "batch": c["batch"], "seq": c["seq"], "evals": c["evals"], "eval_batches": c["eval_batches"],
-                "code": self.code}
+                "grad_clip": c["grad_clip"], "code": self.code}
         key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
         path, weights = self.work / f"{key}.json", self.work / f"{key}.safetensors"
         if path.is_file() and (not keep or weights.is_file()):
@@ -158,6 +158,9 @@ class Runs:
             loss = model(input_ids=x, labels=x).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            # Global-norm clipping as dsgrow's trainer does (train.grad_clip 1.0): without it the
+            # high-LR runs spike at random and the loss-vs-LR curve is noise, not a curve.
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
             opt.step()
             train_losses.append(float(loss.detach()))
             if (step + 1) % every == 0 or step + 1 == steps:
