@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 VOCAB = 256
 FULL = {"widths": [32, 64, 128, 256], "lrs": [2.0 ** k for k in range(-13, -3)], "steps": 200, "seeds": [1],
+        "width_lrs": [2.0 ** k for k in range(-12, -5)],  # part 1's grid: 2.4e-4 .. 1.6e-2, around every optimum seen
         "batch": 16, "seq": 64, "evals": 10, "eval_batches": 16, "grad_clip": 1.0,
         "small": {"layers": 2, "hidden": 64, "heads": 4}, "large": {"layers": 4, "hidden": 256, "heads": 16},
         "small_steps": 250, "large_steps": 300, "grow": {"method": "hyperclone", "noise": 0.05},
@@ -191,9 +192,9 @@ def part_widths(cfg: dict, runs: Runs) -> dict:
             spec = spec_of(2, w, 4, par, base, cfg["seq"])
             if par == "mup":  # heads stay 4, so head_dim grows: muP's 1/d attention, anchored at the base
                 spec = dataclasses.replace(spec, base_head_dim=base // 4)
-            per_seed = {s: {lr: runs.run(spec, lr, cfg["steps"], s)["final_val"] for lr in cfg["lrs"]}
-                        for s in cfg["seeds"]}
-            out[par][str(w)] = {str(lr): sum(per_seed[s][lr] for s in per_seed) / len(per_seed) for lr in cfg["lrs"]}
+            lrs = cfg.get("width_lrs", cfg["lrs"])
+            per_seed = {s: {lr: runs.run(spec, lr, cfg["steps"], s)["final_val"] for lr in lrs} for s in cfg["seeds"]}
+            out[par][str(w)] = {str(lr): sum(per_seed[s][lr] for s in per_seed) / len(per_seed) for lr in lrs}
             out["per_seed_optimum"][par][str(w)] = [best(per_seed[s]) for s in per_seed]
     out["optimum"] = {par: {w: float(best(out[par][w])) for w in out[par]} for par in ("sp", "mup")}
     out["shift_grid_steps"] = {par: math.log2(max(o.values()) / min(o.values())) for par, o in out["optimum"].items()}
