@@ -155,21 +155,32 @@ def rescale_groups(group_hparams: list[dict], large: ModelSpec) -> None:
             g["lr"] = base * g["lr_scale"]
 
 
-def fold(spec: ModelSpec, canonical: dict) -> tuple[ModelSpec, dict]:
-    """(SP spec, SP canonical) with the same function as the muP model: the readout's 1/m folded
-    into the norm the head reads (exact for tied and untied heads: the head is linear in it), the
-    attention factor into q (RoPE commutes with a scalar). Tensors not touched are shared."""
-    if not spec.mup:
-        return spec, canonical
+def _q_factor(spec: ModelSpec) -> float:
+    """muP's attention factor over SP's: what q carries in the folded (SP) model."""
+    return spec.attn_scale * math.sqrt(spec.head_dim)
+
+
+def _rescale(spec: ModelSpec, canonical: dict, power: int) -> dict:
+    """The readout's norm times m**power, q times q_factor**-power (-1 folds, +1 unfolds).
+    Tensors not touched are shared."""
     out = dict(canonical)
     for k in HEAD_IN[spec.family]:
-        out[k] = canonical[k] / spec.width_mult
-    q = spec.attn_scale * math.sqrt(spec.head_dim)
+        out[k] = canonical[k] * spec.width_mult ** power
+    q = _q_factor(spec)
     if q != 1.0:
         for k in canonical:
             if k.startswith("layers.") and k.split(".", 2)[2] in ("q.weight", "q.bias"):
-                out[k] = canonical[k] * q
-    return spec.as_sp(), out
+                out[k] = canonical[k] * q ** -power
+    return out
+
+
+def fold(spec: ModelSpec, canonical: dict) -> tuple[ModelSpec, dict]:
+    """(SP spec, SP canonical) with the same function as the muP model: the readout's 1/m folded
+    into the norm the head reads (exact for tied and untied heads: the head is linear in it), the
+    attention factor into q (RoPE commutes with a scalar)."""
+    if not spec.mup:
+        return spec, canonical
+    return spec.as_sp(), _rescale(spec, canonical, -1)
 
 
 def unfold_stream(spec: ModelSpec, stream) -> None:
@@ -177,7 +188,7 @@ def unfold_stream(spec: ModelSpec, stream) -> None:
     readout's norm in its HF-named globals now, q in each layer as it is made."""
     for k in HEAD_IN_HF[spec.family]:
         stream.glob[k] = stream.glob[k] * spec.width_mult
-    q = spec.attn_scale * math.sqrt(spec.head_dim)
+    q = _q_factor(spec)
     if q != 1.0:
         make = stream.make_layer
 
@@ -194,15 +205,7 @@ def unfold_stream(spec: ModelSpec, stream) -> None:
 def unfold(spec: ModelSpec, canonical: dict) -> dict:
     """Inverse of `fold`: the muP `spec`'s canonical weights with the function of an SP canonical
     model of the same sizes (an exported, folded model trained on under muP)."""
-    out = dict(canonical)
-    for k in HEAD_IN[spec.family]:
-        out[k] = canonical[k] * spec.width_mult
-    q = spec.attn_scale * math.sqrt(spec.head_dim)
-    if q != 1.0:
-        for k in canonical:
-            if k.startswith("layers.") and k.split(".", 2)[2] in ("q.weight", "q.bias"):
-                out[k] = canonical[k] / q
-    return out
+    return _rescale(spec, canonical, +1)
 
 
 def fold_hf_state_dict(spec: ModelSpec, sd: dict) -> dict:
