@@ -204,3 +204,21 @@ def test_mup_transfer_runs_are_reused_only_when_everything_matches(tmp_path, mon
     runs.code = "0" * 16
     runs.run(spec, 1e-3, 2, 1)                                          # another code version
     assert len(calls) == 4
+
+
+def test_checkpoints_from_before_mup_resume_under_the_default():
+    import copy
+
+    from dsgrow.config import ConfigError
+    from dsgrow.recipe import load_recipe
+    from dsgrow.run.setup import check_resume_recipe
+
+    current = load_recipe(None, []).to_dict()
+    saved = copy.deepcopy(current)
+    for k in ("parametrization", "base_hidden", "base_head_dim"):  # a recipe.yaml written before muP existed
+        saved["model"].pop(k)
+    check_resume_recipe(saved, current)
+    muP = copy.deepcopy(current)
+    muP["model"].update(parametrization="mup", base_hidden=128)
+    with pytest.raises(ConfigError, match="model.base_hidden"):
+        check_resume_recipe(saved, muP)

@@ -96,8 +96,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Model fields added after checkpoints were already being written, with the value a checkpoint
+# that lacks them was trained with: such a checkpoint resumes under a recipe that keeps the default.
+ADDED_MODEL_FIELDS = {"parametrization": "sp", "base_hidden": None, "base_head_dim": None}
+
+
+def _with_added_fields(saved: dict) -> dict:
+    """A saved recipe with ADDED_MODEL_FIELDS filled into its `model` where it lacks them (stages
+    keep the user's own partial model mappings, so only the recipe's model is complete)."""
+    if not isinstance(saved.get("model"), dict):
+        return saved
+    return {**saved, "model": {**ADDED_MODEL_FIELDS, **saved["model"]}}
+
+
 def check_resume_recipe(saved: dict, current: dict) -> None:
-    a, b = _flat(saved), _flat(current)
+    a, b = _flat(_with_added_fields(saved)), _flat(current)
     for key in sorted(set(a) | set(b)):
         if key in RESUMABLE_CHANGES or key.startswith("model.vocab_size"):
             continue
