@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dsgrow.families import ModelSpec, build_hf_model  # noqa: E402
-from dsgrow.families.mup import param_groups as mup_groups  # noqa: E402
+from dsgrow.engine.runtime import param_groups  # noqa: E402  (no DeepSpeed import: that is inside functions)
 
 VOCAB, SEQ, BATCH = 256, 64, 8
 
@@ -65,12 +65,6 @@ def _blocks(model) -> list[torch.nn.Module]:
     raise ValueError(f"no transformer blocks found in {type(model).__name__}")
 
 
-def _sp_groups(model, weight_decay: float) -> list[dict]:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-
-
 def coord_check(family: str, widths: list[int], parametrization: str, steps: int = 5, lr: float = 1e-2,
                 seed: int = 0, batches: list[torch.Tensor] | None = None) -> dict:
     """{width: [{layer: mean |activation|} per step]}: the forward of step t sees t Adam updates."""
@@ -79,9 +73,7 @@ def coord_check(family: str, widths: list[int], parametrization: str, steps: int
     for width in widths:
         spec = spec_for(family, width, widths[0], parametrization)
         model = build_hf_model(spec, seed=seed).train()
-        groups = mup_groups(model, 0.0) if parametrization == "mup" else _sp_groups(model, 0.0)
-        for g in groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+        groups = param_groups(model, 0.0, lr=lr)  # dsgrow's own split; muP's carry their LR multipliers
         opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
         seen: dict[str, float] = {}
 

@@ -194,11 +194,12 @@ def hf_zero_init(ds_cfg: Optional[dict]):
             hf_ds.set_hf_deepspeed_config(live)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: Optional[float] = None) -> list[dict]:
     """Decay matrices and embeddings; never biases or norm gains (their shapes are 1-D). A muP
-    model's groups also carry its LR multipliers (families/mup.py)."""
+    model's groups also carry its LR multipliers (families/mup.py), each group starting at
+    lr x its multiplier when `lr` is given."""
     if mup.spec_of_config(getattr(model, "config", None)) is not None:
-        return mup.param_groups(model, weight_decay)
+        return mup.param_groups(model, weight_decay, lr=lr)
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
@@ -213,10 +214,7 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict, lr: float, betas, eps: fl
     (zero3_offload needs DeepSpeed's CPU Adam, which it picks itself)."""
     import deepspeed
 
-    groups = param_groups(model, weight_decay)
-    for g in groups:
-        if "lr_scale" in g:  # muP: each group starts at its own LR
-            g["lr"] = lr * g["lr_scale"]
+    groups = param_groups(model, weight_decay, lr=lr)
     if "optimizer" in ds_cfg:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
     else:
