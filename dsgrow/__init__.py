@@ -20,6 +20,7 @@ _LAZY = {
     "mup_model": "dsgrow.families.mup",
     "mup_param_groups": "dsgrow.families.mup",
     "set_lr": "dsgrow.engine.runtime",
+    "Subnetwork": "dsgrow.subnet",
 }
 
 

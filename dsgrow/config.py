@@ -151,6 +151,9 @@ class TrainConfig:
     """A rank whose heartbeat (a thread writing under --out every few seconds) stops for this long
     is reported by name and the job is ended: a stopped or frozen process, found well before the
     collective timeout."""
+    subnetwork: Optional[dict] = None
+    """{method: est, phases: [...], scale}: each optimizer step trains a sampled subnetwork of the
+    model (evolving subnetwork training, dsgrow/subnet/est.py); None: the full model every step."""
 
     def __post_init__(self) -> None:
         if isinstance(self.tokens, float) and 0.0 < self.tokens <= 1.0:
@@ -187,6 +190,9 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision: {self.precision!r} is not auto, fp32, bf16 or fp16")
+        from .subnet.est import est_config
+
+        self._est = est_config(self.subnetwork)  # checked here: a bad schedule fails at load
         if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
             raise ConfigError(f"train.init_from: {self.init_from} is not an HF model directory (no config.json)")
 
@@ -205,6 +211,10 @@ class TrainConfig:
         if tokens < self.first_step_tokens():
             raise ConfigError(f"train.tokens ({tokens}) is less than one optimizer step "
                               f"({self.first_step_tokens() // self.seq_len} samples x seq_len {self.seq_len})")
+
+    def est(self):
+        """train.subnetwork, typed (an EstConfig), or None."""
+        return self._est
 
     def after_growth(self) -> str:
         """train.lr_after_growth, its default resolved (continue for wsd, restart otherwise)."""

@@ -65,3 +65,35 @@ def grow_trainer_model(trainer, target, method: str = "fpi", **kwargs: Any):
 
 
 __all__ = ["GrowAtStep", "grow_trainer_model"]
+
+
+class SubnetworkCallback(TrainerCallback):
+    """Evolving subnetwork training under `Trainer`: each optimizer step trains that step's sampled
+    subnetwork (dsgrow.Subnetwork), its phase following `state.global_step / state.max_steps`;
+    evaluation and saving see the full model.
+
+        cb = SubnetworkCallback({"method": "est"}, seed=0)
+        trainer = Trainer(model, args, train_dataset=ds, callbacks=[cb])
+        cb.trainer = trainer        # needed under ZeRO-3 only (the engine clears unused grads)
+        trainer.train()
+    """
+
+    def __init__(self, config=None, seed: int = 0, trainer=None):
+        from .subnet import est_config
+
+        self.config, self.seed, self.trainer = est_config(config if config is not None else {}), seed, trainer
+        self.est = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.est is None:
+            from .subnet import Subnetwork
+
+            wrapped = getattr(self.trainer, "model_wrapped", None) if self.trainer is not None else None
+            self.est = Subnetwork(wrapped if hasattr(wrapped, "optimizer") else model, self.config, seed=self.seed)
+        self.est.begin(state.global_step, state.global_step / max(state.max_steps, 1))
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.est is not None:
+            self.est.end()
+        return control

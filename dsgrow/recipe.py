@@ -41,6 +41,11 @@ class Recipe:
             self._resolve_stages()
         else:
             self._resolve_budget()
+        from .subnet.est import check_family
+
+        for st in self.stage_plan():
+            if st.train.est() is not None:
+                check_family(st.model, f"stages[{st.index}].train.subnetwork" if self.stages else "train.subnetwork")
         if self.model.max_seq_len < self.train.seq_len:
             raise ConfigError(f"model.max_seq_len ({self.model.max_seq_len}) is shorter than train.seq_len ({self.train.seq_len})")
         if self.model.vocab_size and self.model.vocab_size != self.data.vocab_size:
@@ -98,7 +103,11 @@ class Recipe:
 
             need = 0.0
             for s in plan:
-                fpt = flops_per_token(s.model.with_vocab(self.data.vocab_size), self.train.seq_len)
+                from .subnet.est import mean_flops_per_token
+
+                # A stage that trains subnetworks (EST) runs fewer FLOPs per token than its model.
+                fpt = mean_flops_per_token(s.model.with_vocab(self.data.vocab_size), self.train.seq_len,
+                                           s.train.est())
                 # A LiGO fit step runs the large model forward and backward and, layerwise (the
                 # default), the forward once more under checkpointing: 8ND for its tokens, not 6ND.
                 # The operator's own matmuls (a few % at the benchmark's sizes) are not counted here;
@@ -121,10 +130,12 @@ class Recipe:
         return self._plan
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token of this recipe's model (the tokenizer has data.vocab_size pieces)."""
-        from .schedules.flops import flops_per_token
+        """Training FLOPs per token of this recipe's model (the tokenizer has data.vocab_size pieces),
+        averaged over its subnetwork schedule if it trains subnetworks (EST)."""
+        from .subnet.est import mean_flops_per_token
 
-        return flops_per_token(self.model.with_vocab(self.data.vocab_size), self.train.seq_len)
+        return mean_flops_per_token(self.model.with_vocab(self.data.vocab_size), self.train.seq_len,
+                                    self.train.est())
 
     def _resolve_flop_budget(self, b) -> None:
         flops_per_token = self.flops_per_token()

@@ -156,6 +156,14 @@ class Trainer:
         self.sched = StageSchedule(self.t, run_total=self.stages[-1].end, run_warmup=self.stages[0].train.warmup_tokens,
                                    grown=self.stage.index > 0)
         self.grad_probe = MicroBatchGradNorm(self.engine.module) if self.t.noise_scale else None
+        # EST: each step of this stage trains a sampled subnetwork (the stage's own model, so a
+        # grown stage's subnetworks are the grown model's).
+        self.subnet = None
+        if self.t.est() is not None:
+            from .subnet import Subnetwork
+
+            self.subnet = Subnetwork(self.engine, self.t.est(), seed=self.t.seed + self.stage.index,
+                                     spec=self.spec)
         self.last_noise: dict = {}
 
     @property
@@ -320,10 +328,21 @@ class Trainer:
             lr = self.sched.lr_for_step(self.stage_tokens, batch, self.tokens)
             set_lr(self.engine, lr)
             measure = self.sched.noise is not None and (self.step + 1) % t.noise_scale_every == 0
-            loss = self.train_step(batch, measure_noise=measure)
+            step_fpt = self.flops_per_token
+            if self.subnet is not None:
+                # The subnetwork is a pure function of (seed, step, tokens seen): the same on every
+                # rank and after a resume. Outside the step (eval, checkpoints) the model is whole.
+                fraction = self.stage_tokens / t.tokens
+                self.subnet.begin(self.step, fraction)
+                step_fpt = self.subnet.flops_per_token(fraction, t.seq_len)
+            try:
+                loss = self.train_step(batch, measure_noise=measure)
+            finally:
+                if self.subnet is not None:
+                    self.subnet.end()
             prev = self.stage_tokens
             self.tokens += step_tokens
-            self.flops += step_tokens * self.flops_per_token
+            self.flops += step_tokens * step_fpt  # what ran: the subnetwork's FLOPs under EST
             self.step += 1
             self.heartbeat.step = self.step
             fault_point("step", f"step{self.step}")  # crash/hang tests: a rank killed or stopped here
@@ -342,6 +361,7 @@ class Trainer:
                 now = time.perf_counter()
                 rec = {"step": self.step, "tokens": self.tokens, "loss": train_loss, "lr": lr,
                        "flops": self.flops, "batch_size": batch, "stage": self.stage.index,
+                       **({"subnet_flops_frac": step_fpt / self.flops_per_token} if self.subnet else {}),
                        "tokens_per_s": (self.tokens - window_tok0) / max(now - window_t0, 1e-9),
                        **self.last_noise}
                 log.log(rec, self.step)

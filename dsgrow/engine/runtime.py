@@ -300,3 +300,24 @@ def destroy_engine(engine) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def clear_unused_grads(engine, params) -> int:
+    """Zero ZeRO-3's reduced-gradient partitions of `params`, parameters this step will not use.
+
+    ZeRO-3 keeps each parameter's gradient partition in a buffer that it overwrites (first
+    micro-batch) or adds to only when that parameter receives a gradient; a parameter that takes
+    no part in a step (a layer EST skips) would have its previous step's gradient applied again
+    and counted in the clipping norm (measured: tests/test_est.py). Zeroed before the step's first
+    backward, its gradient is zero, as under ZeRO-0/1/2. Returns the elements zeroed (0 if the
+    engine is not ZeRO-3, or keeps its gradients elsewhere, e.g. offloaded)."""
+    buffers = getattr(engine.optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+    if buffers is None:
+        return 0
+    n = 0
+    for p in params:
+        g = buffers.get(getattr(p, "ds_id", None))
+        if g is not None:
+            g.zero_()
+            n += g.numel()
+    return n
