@@ -23,7 +23,10 @@ Protocol (nothing is chosen on held-out loss, nothing is reported on the seed th
 3. Saving = 1 - FLOPs to target / scratch FLOPs, per seed, then mean and spread. Also the final
    loss at equal tokens (scale 1.0) against scratch's, the paper's comparison.
 Variants with `tune_only: true` (e.g. growth timing) run on the tuning seed only, as does the
-scratch schedule that lost there.
+scratch schedule that lost there. A variant's `train:` (and a stage's) is merged into the run's
+train section: `train: {subnetwork: {method: est}}` makes an EST variant (benchmarks/recipes/est/),
+whose steps count their subnetwork's FLOPs; a variant with neither stages nor a subnetwork is a
+scratch baseline. Wall time to target is interpolated the same way (indicative on a shared CPU).
 
 A finished run is reused only when its key (the full recipe it ran and a hash of dsgrow's source
 and the launcher) matches; anything else runs again. Writes progressive-NAME.json, .md and .png.
@@ -75,7 +78,7 @@ def load_bench(path: str, quick: bool) -> dict:
         raise SystemExit(f"{path}: scales must be ascending and contain 1.0")
     if cfg["tune_seed"] in cfg["seeds"]:
         raise SystemExit(f"{path}: the tuning seed {cfg['tune_seed']} may not be a report seed")
-    scratch = [k for k, v in cfg["variants"].items() if not v.get("stages")]
+    scratch = [k for k, v in cfg["variants"].items() if is_scratch(v)]
     if not scratch:
         raise SystemExit(f"{path}: at least one scratch variant (no stages) is needed")
     for label, v in cfg["variants"].items():
@@ -83,6 +86,11 @@ def load_bench(path: str, quick: bool) -> dict:
         if bad:
             raise SystemExit(f"{path}: variants.{label}: unknown key {bad[0]} (known: {', '.join(sorted(VARIANT_KEYS))})")
     return cfg
+
+
+def is_scratch(v: dict) -> bool:
+    """A scratch baseline: the final model alone, every step the full model (no stages, no EST)."""
+    return not v.get("stages") and not (v.get("train") or {}).get("subnetwork")
 
 
 def block_tokens(cfg: dict) -> int:
@@ -221,7 +229,7 @@ def bench(cfg: dict, work_root: Path, ds_config: str, env: dict, only_tune: bool
                 for lr in v.get("lrs", cfg["lrs"])}
         best = min(runs, key=lambda lr: runs[lr]["train_loss"])
         sweeps[label] = {"lr": best, "runs": {f"{lr:g}": r for lr, r in runs.items()}}
-    scratch = [k for k, v in variants.items() if not v.get("stages")]
+    scratch = [k for k, v in variants.items() if is_scratch(v)]
     base = min(scratch, key=lambda k: sweeps[k]["runs"][f"{sweeps[k]['lr']:g}"]["train_loss"])
     res = {"tuning": sweeps, "scratch_choice": base, "seeds": {}}
     if only_tune:
@@ -235,15 +243,18 @@ def bench(cfg: dict, work_root: Path, ds_config: str, env: dict, only_tune: bool
         for label, v in variants.items():
             if label == base or v.get("tune_only"):
                 continue
-            if not v.get("stages"):  # scratch's other schedule lost on the tuning seed: not rerun
+            if is_scratch(v):  # scratch's other schedule lost on the tuning seed: not rerun
                 continue
             per["variants"][label] = {"lr": sweeps[label]["lr"],
                                       "rungs": ladder(cfg, runner, label, sweeps[label]["lr"], seed, ref["val_loss"])}
             entry = per["variants"][label]
             f, bound = flops_to_target([(r["flops"], r["val_loss"]) for r in entry["rungs"]], ref["val_loss"])
             one = next(r for r in entry["rungs"] if r["scale"] == 1.0)
+            # Wall time to target the same way (this shared 2-core CPU: indicative, not a claim).
+            w, _ = flops_to_target([(r["wall_s"], r["val_loss"]) for r in entry["rungs"]], ref["val_loss"])
             entry.update(flops_to_target=f, bound=bound,
                          saving=(1.0 - f / ref["flops"]) if f is not None else None,
+                         wall_saving=(1.0 - w / ref["wall_s"]) if w is not None else None,
                          equal_tokens_loss=one["val_loss"], equal_tokens_flops_ratio=one["flops"] / ref["flops"])
         res["seeds"][str(seed)] = per
     return res
@@ -266,6 +277,8 @@ def summarise(cfg: dict, res: dict) -> dict:
             "bounds": [r["bound"] for r in rows],
             "equal_tokens_loss_delta_mean": statistics.mean(deltas),
             "equal_tokens_flops_ratio": statistics.mean(r["equal_tokens_flops_ratio"] for r in rows),
+            "wall_saving_mean": (statistics.mean(x for x in (r.get("wall_saving") for r in rows) if x is not None)
+                                 if any(r.get("wall_saving") is not None for r in rows) else None),
         }
     return out
 
@@ -286,13 +299,14 @@ def table(cfg: dict, res: dict, summ: dict) -> str:
     if res["seeds"]:
         seeds = ", ".join(res["seeds"])
         lines += ["", f"Report seeds {seeds} (target: each seed's scratch final held-out loss):", "",
-                  "| variant | saving to target, mean [min, max] | reached | loss at equal tokens vs scratch | FLOPs at equal tokens |",
-                  "|---|---|---|---|---|"]
+                  "| variant | saving to target, mean [min, max] | reached | loss at equal tokens vs scratch | FLOPs at equal tokens "
+                  "| wall-time saving to target (mean) |",
+                  "|---|---|---|---|---|---|"]
         for label, s in summ.items():
             bounds = "" if all(b == "=" for b in s["bounds"] if b) else f" (bounds: {s['bounds']})"
             lines.append(f"| {label} | {pct(s['saving_mean'])} [{pct(s['saving_min'])}, {pct(s['saving_max'])}]{bounds} "
                          f"| {s['seeds_reached']} | {s['equal_tokens_loss_delta_mean'] * 100:+.2f}% "
-                         f"| {100 * s['equal_tokens_flops_ratio']:.0f}% |")
+                         f"| {100 * s['equal_tokens_flops_ratio']:.0f}% | {pct(s.get('wall_saving_mean'))} |")
         lines += ["", "Targets: " + ", ".join(f"seed {k}: {v['target']:.4f} ({v['scratch']['flops']:.3e} FLOPs)"
                                             for k, v in res["seeds"].items())]
     return "\n".join(lines) + "\n"
@@ -323,7 +337,8 @@ def plot(cfg: dict, res: dict, path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bench", required=True, help="benchmark YAML (benchmarks/recipes/progressive/*.yaml)")
+    p.add_argument("--bench", required=True, help="benchmark YAML (benchmarks/recipes/progressive/*.yaml, "
+                   "benchmarks/recipes/est/*.yaml)")
     p.add_argument("--quick", action="store_true", help="the file's quick: overrides (a smoke test, no claims)")
     p.add_argument("--work", default=None, help="run folder (default runs/progressive/NAME[-quick])")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))

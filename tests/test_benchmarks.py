@@ -105,15 +105,28 @@ def progressive():
     return bench_module("progressive")
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "benchmarks" / "recipes" / "progressive").glob("*.yaml")))
+PROGRESSIVE_BENCHES = sorted(str(p.relative_to(REPO / "benchmarks" / "recipes"))
+                            for d in ("progressive", "est") for p in (REPO / "benchmarks" / "recipes" / d).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PROGRESSIVE_BENCHES)
 @pytest.mark.parametrize("quick", [False, True])
 def test_every_progressive_benchmark_recipe_is_valid(name, quick):
     prog = progressive()
-    cfg = prog.load_bench(str(REPO / "benchmarks" / "recipes" / "progressive" / f"{name}.yaml"), quick)
+    cfg = prog.load_bench(str(REPO / "benchmarks" / "recipes" / name), quick)
     prog.check_recipes(cfg)  # every variant at every scale loads through dsgrow's recipe checks
     if quick:  # the quick variants replace the full list
-        raw = yaml.safe_load((REPO / "benchmarks" / "recipes" / "progressive" / f"{name}.yaml").read_text())
+        raw = yaml.safe_load((REPO / "benchmarks" / "recipes" / name).read_text())
         assert list(cfg["variants"]) == list(raw["quick"]["variants"])
+
+
+def test_est_variants_are_not_scratch_baselines():
+    prog = progressive()
+    cfg = prog.load_bench(str(REPO / "benchmarks" / "recipes" / "est" / "tiny-gpt2.yaml"), False)
+    assert [k for k, v in cfg["variants"].items() if prog.is_scratch(v)] == ["scratch"]
+    r = prog.recipe_of(cfg, "growth-ligo-est", 2e-3, 7, 1.0)
+    assert "subnetwork" not in r["train"] and r["stages"][1]["train"]["subnetwork"] == {"method": "est"}
+    assert prog.recipe_of(cfg, "est-default", 2e-3, 7, 1.0)["train"]["subnetwork"] == {"method": "est"}
 
 
 def test_progressive_stages_split_on_whole_steps():
