@@ -29,7 +29,7 @@ __all__ = ["Subnetwork", "EstConfig", "EstPhase", "Sample", "SubnetError", "est_
 
 
 class Subnetwork:
-    """EST over a GPT-2 / LLaMA HF model (or a DeepSpeed engine's `.module`)."""
+    """EST over a GPT-2 / LLaMA model: a DeepSpeed engine, or an HF model outside ZeRO-3."""
 
     def __init__(self, model, config=None, seed: int = 0, spec: Optional[ModelSpec] = None):
         """`model`: a DeepSpeed engine (required under ZeRO-3), or an HF model / engine.module."""

@@ -22,7 +22,6 @@ reachable offline) is a dsgrow choice, written down here and in the README:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -59,7 +58,8 @@ class EstConfig:
 
     method: str = "est"
     phases: list = field(default_factory=_default_phases)
-    """The phases in order; after the last one's `until`, the full model trains."""
+    """The phases in order (mappings in a recipe; EstPhase once built); after the last one's
+    `until`, the full model trains."""
     scale: bool = True
     """Scale the kept heads' and neurons' outputs by 1 / kept fraction (the paper's 1/p_H, 1/p_M)."""
 
@@ -80,17 +80,15 @@ class EstConfig:
                 raise ConfigError(f"{where}.until ({ph.until}) must be after the previous phase's ({prev})")
             prev = ph.until
             typed.append(ph)
-        self._typed = typed
+        self.phases = typed
 
     def phase_at(self, fraction: float) -> Optional[EstPhase]:
         """The phase at `fraction` of the stage's training tokens; None once the full model trains."""
-        for ph in self._typed:
+        for ph in self.phases:
             if fraction < ph.until:
                 return ph
         return None
 
-    def to_dict(self) -> dict:
-        return {"method": self.method, "phases": [dataclasses.asdict(p) for p in self._typed], "scale": self.scale}
 
 
 def est_config(raw) -> Optional[EstConfig]:
@@ -178,7 +176,7 @@ def mean_flops_per_token(spec: ModelSpec, seq_len: int, cfg: Optional[EstConfig]
     if cfg is None:
         return flops_per_token(spec, seq_len, None)
     total, start = 0.0, 0.0
-    for ph in cfg._typed:
+    for ph in cfg.phases:
         total += (ph.until - start) * flops_per_token(spec, seq_len, ph)
         start = ph.until
     return total + (1.0 - start) * flops_per_token(spec, seq_len, None)

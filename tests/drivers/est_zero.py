@@ -17,7 +17,7 @@ import torch
 import torch.distributed as tdist
 
 import dsgrow
-from dsgrow.engine.runtime import gather_fp32_state_dict, init_distributed
+from dsgrow.engine.runtime import gather_fp32_state_dict, init_distributed, param_groups
 from dsgrow.families.hf_io import build_hf_model
 from dsgrow.families.spec import ModelSpec
 
@@ -65,11 +65,6 @@ def config(stage):
             "zero_allow_untested_optimizer": True}
 
 
-def split(model):
-    return [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-
-
 def data(step, k):
     g = torch.Generator().manual_seed(1000 * step + 10 * k + rank)
     ids = torch.randint(0, VOCAB, (MICRO, SEQ), generator=g)
@@ -90,7 +85,7 @@ def run(family, stage):
                 if rank == 0:
                     p.data.copy_(sd[name])
         model = shell
-    opt = torch.optim.AdamW(split(model), lr=3e-3)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-3)
     engine = deepspeed.initialize(model=model, optimizer=opt, config=config(stage))[0]
     est = dsgrow.Subnetwork(engine, EST, seed=11, spec=spec)
     losses, draws, elements = [], [], {}
