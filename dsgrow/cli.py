@@ -1,4 +1,4 @@
-"""The `dsgrow` console script: `dsgrow train|grow|plan ...`.
+"""The `dsgrow` console script: `dsgrow train|grow|plan|prune|generate|score ...`.
 
 Subcommands import their modules only when chosen, so `dsgrow plan` never pays for torch or
 deepspeed start-up.
@@ -14,6 +14,9 @@ commands:
   train   pretrain (or continue) a run: same arguments as launchers/pretrain.py
   grow    grow a small Hugging Face model into a larger one (ligo, stack, fpi, aki, ...)
   plan    compute-optimal sizes and a growth plan for a token or FLOP budget
+  prune   score a corpus's blocks with a trained model and keep a fraction (kept list + histogram)
+  generate  greedy generation from a model, optionally with a small draft model (assisted generation)
+  score   per-block loss of a corpus, optionally by a small-then-large cascade
 
 `dsgrow COMMAND --help` describes each one."""
 
@@ -36,6 +39,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .schedules.plan_cli import main as plan_main
 
         return plan_main(rest)
+    if cmd == "prune":
+        from .data.prune_cli import main as prune_main
+
+        return prune_main(rest)
+    if cmd in ("generate", "score"):
+        from .infer import cli as infer_cli
+
+        return getattr(infer_cli, cmd)(rest)
     if cmd in ("--version", "version"):
         from . import __version__
 

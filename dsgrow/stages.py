@@ -7,6 +7,7 @@
         model: {layers: 8, hidden: 256, heads: 8}
         tokens: 4_000_000
         train: {lr: 1e-3}          # optional: this stage's train.* overrides
+        data: {prune: {score: loss, fraction: 0.7, keep: hard}}   # optional (dsgrow/data/prune.py)
 
 A stage's `model` is merged over the previous stage's (the first over the recipe's `model`);
 `train` over the recipe's `train`. `tokens` is the stage's share of the run, the growth fit's
@@ -22,7 +23,7 @@ from typing import Any, Optional
 from .config import ConfigError, TrainConfig, build_typed, parse_count
 from .families.spec import ModelSpec, SpecError
 
-STAGE_KEYS = ("model", "tokens", "grow", "train")
+STAGE_KEYS = ("model", "tokens", "grow", "train", "data")
 # train.* fields a stage may not change: the data stream is in samples of seq_len, and the seed
 # and token count belong to the run.
 FIXED_TRAIN = ("seq_len", "seed", "tokens", "init_from")
@@ -77,6 +78,9 @@ class Stage:
     """The stage's TrainConfig (train.tokens = this stage's training tokens)."""
     grow: Optional[GrowConfig] = None
     """How this stage grows from the previous one; None for stage 0."""
+    prune: Optional[Any] = None
+    """A PruneConfig: at the boundary the previous stage's model scores the training samples and
+    this stage (its growth fit included) draws only the kept ones."""
 
     @property
     def end(self) -> int:
@@ -146,10 +150,36 @@ def parse_stages(recipe, budget_tokens: Optional[int]) -> list[Stage]:
                 raise ConfigError(f"{where}.grow: every stage after the first needs grow: {{method: ...}}")
             grow = GrowConfig.from_mapping(grow, f"{where}.grow")
         train = build_typed(TrainConfig, {**train_base, **tr}, f"{where}.train")
-        stages.append(Stage(i, spec, tok, start, train, grow))
+        prune = _parse_prune(s.get("data"), i, spec, recipe, f"{where}.data")
+        stages.append(Stage(i, spec, tok, start, train, grow, prune))
         start += tok
     _check_growth(stages, recipe)
     return stages
+
+
+def _parse_prune(data, i: int, spec: ModelSpec, recipe, where: str):
+    """A stage's `data: {prune: {...}}` as a PruneConfig (its seed defaults to the run's)."""
+    if data is None:
+        return None
+    from .data.corpus import DataError
+    from .data.prune import PruneConfig, check_family
+
+    if not isinstance(data, dict) or set(data) - {"prune"}:
+        raise ConfigError(f"{where}: expected {{prune: {{score, fraction, keep}}}}, got {data!r}")
+    if i == 0:
+        raise ConfigError(f"{where}.prune: the first stage has no earlier model to score its data with")
+    if "flops" in (recipe.budget or {}):
+        raise ConfigError(f"{where}.prune: pruning with a budget.flops is not supported (the scoring's FLOPs depend "
+                          "on the corpus); give budget.tokens")
+    p = data.get("prune")
+    if not isinstance(p, dict):
+        raise ConfigError(f"{where}.prune: expected a mapping {{score, fraction, keep}}, got {p!r}")
+    try:
+        cfg = build_typed(PruneConfig, {"seed": recipe.train.seed, **p}, f"{where}.prune")
+        check_family(spec.family, f"{where}.prune")
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
 
 
 def _check_growth(stages: list[Stage], recipe) -> None:

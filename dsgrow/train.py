@@ -91,9 +91,9 @@ class Trainer:
         self.device = self.engine.device
         self.objective = Objective(self.spec, self.data.tokenizer, recipe.data.mlm_probability, t.seed, self.device)
 
-        from .data import SampleStream
-
-        self.stream = SampleStream(len(self.data.train), t.seed)
+        # A run resumed inside a pruned stage draws from that stage's kept list, read back.
+        kept = self._load_kept(self.stage) if self.resume_state is not None and self.stage.prune is not None else None
+        self.stream = self._stream_for(self.stage, kept)
         self.tokens = 0
         self.flops = 0.0
         self.step = 0
@@ -120,6 +120,80 @@ class Trainer:
             self.tokens_per_s = st.get("tokens_per_s")
             self.metrics_bytes = st.get("metrics_bytes")
             self.sched.load_state_dict(st)
+
+    def _stream_for(self, stage, kept: Optional[torch.Tensor] = None):
+        """The sample stream a stage draws from. Until a stage prunes, one stream runs through the
+        whole run (its order continues across growths); a pruned stage draws from its kept set, and
+        each stage after the first pruned one starts its own order (seed + stage index)."""
+        from .data import SampleStream, SubsetStream
+
+        if not any(s.prune is not None for s in self.stages[:stage.index + 1]):
+            return SampleStream(len(self.data.train), self.recipe.train.seed)
+        seed = self.recipe.train.seed + stage.index
+        if stage.prune is not None:
+            return SubsetStream(kept, seed)
+        return SampleStream(len(self.data.train), seed)
+
+    def _prune_file(self, stage) -> Path:
+        return self.out / "stages" / f"stage{stage.index}-prune.safetensors"
+
+    def _load_kept(self, stage) -> torch.Tensor:
+        """A pruned stage's kept list, read back on resume (rank 0 reads, every rank gets it)."""
+        from .data.corpus import DataError
+        from .data.prune import load_result
+        from .engine.runtime import broadcast_object
+
+        err, kept = None, None
+        if self.rank == 0:
+            path = self._prune_file(stage)
+            if not path.is_file():
+                err = (f"--resume: stage {stage.index} trains on a pruned data set whose kept list {path} is missing "
+                       "(restore it, or resume from the checkpoint before that stage)")
+            else:
+                try:
+                    _, kept, _ = load_result(path)
+                except DataError as e:
+                    err = f"--resume: {e}"
+        err, kept = broadcast_object((err, kept))
+        if err:
+            raise ConfigError(err)
+        return kept
+
+    def _prune(self) -> dict:
+        """At a stage boundary: the current (previous stage's) model scores every training sample,
+        data-parallel, and the next stage, its growth fit included, draws only the kept share. The
+        scoring forwards are counted in the run's FLOPs."""
+        from .data.prune import prune, save_result
+        from .engine.runtime import all_gather_object, barrier, broadcast_object
+
+        nxt = self.stages[self.stage.index + 1]
+        cfg = nxt.prune
+        start = time.perf_counter()
+        hidden = cfg.score == "prototype"
+
+        def forward(ids: torch.Tensor):
+            out = self.engine(input_ids=ids.to(self.device), output_hidden_states=hidden)
+            return out.logits, (out.hidden_states[-1] if hidden else None)
+
+        self.engine.eval()
+        with torch.no_grad():
+            res = prune(forward, self.data.train, cfg, self.rank, self.world, all_gather_object)
+        self.engine.train()
+        ran = sum(all_gather_object(res["ran"]))
+        # A forward costs a third of a training step's FLOPs (the FLOPs meter's 6ND convention).
+        flops = ran * self.t.seq_len * flops_per_token(self.spec, self.t.seq_len) / 3.0
+        self.flops += flops
+        # k-means (prototype) runs on every rank; rank 0's selection is the run's.
+        scores, kept = broadcast_object((res["scores"], res["kept"]) if self.rank == 0 else None)
+        ev = {**cfg.to_dict(), "samples": len(scores), "kept_samples": len(kept), "flops": flops,
+              "scored_by": f"{self.spec.layers}x{self.spec.hidden}", "prune_s": time.perf_counter() - start,
+              "kept_score_mean": float(scores[kept].mean()), "score_mean": float(scores.mean())}
+        if self.rank == 0:
+            (self.out / "stages").mkdir(parents=True, exist_ok=True)
+            save_result(self._prune_file(nxt), scores, kept, {**ev, "stage": nxt.index, "step": self.step})
+        barrier()
+        self.stream = self._stream_for(nxt, kept)
+        return ev
 
     def _claim_out(self):
         """Rank 0 locks `--out` (one run at a time) and collects a killed run's leftovers; every
@@ -316,7 +390,7 @@ class Trainer:
                 + (f", resumed at step {self.step}" if self.resume_state is not None and not self.growth_done else ""))
         if self.step == 0:
             self.last_val = self.evaluate()
-            log.log({"step": self.step, "tokens": self.tokens, "val_loss": self.last_val}, self.step)
+            log.log({"step": self.step, "tokens": self.tokens, "flops": self.flops, "val_loss": self.last_val}, self.step)
         window_loss = torch.zeros((), device=self.device)
         window_steps, window_t0, window_tok0 = 0, time.perf_counter(), self.tokens
         train_loss = float("nan")
@@ -372,7 +446,7 @@ class Trainer:
             if (t.eval_every and self.stage_tokens // t.eval_every > prev // t.eval_every) or last:
                 self._check_finite(lr)
                 self.last_val = self.evaluate()
-                log.log({"step": self.step, "tokens": self.tokens, "val_loss": self.last_val}, self.step)
+                log.log({"step": self.step, "tokens": self.tokens, "flops": self.flops, "val_loss": self.last_val}, self.step)
                 if self.rank == 0:
                     say(f"step {self.step}  tokens {self.tokens:,}/{self.recipe.train.tokens:,}  "
                         f"train loss {self.last_train_loss or float('nan'):.4f}  val loss {self.last_val:.4f}")
@@ -400,6 +474,10 @@ class Trainer:
         small_spec, large_spec = self.spec, nxt.model.with_vocab(self.data.tokenizer.vocab_size)
         ev: dict = {"event": "growth", "stage": nxt.index, "method": g.method, "step": self.step,
                     "tokens": self.tokens, "loss_before": self.last_val}
+        if nxt.prune is not None:
+            ev["prune"] = self._prune()
+        elif any(s.prune is not None for s in self.stages[:nxt.index]):
+            self.stream = self._stream_for(nxt)  # back to every sample, in the stage's own order
         if g.export_grown:  # the small model, for checking the growth against a one-process build
             self.export(self.out / "stages" / f"stage{self.stage.index}-final")
         per_step = fit_batch(nxt)

@@ -123,6 +123,14 @@ def build_blocks(docs: Sequence[Document], tokenizer, seq_len: int, val_fraction
     return train, val, {**info, "cache_file": str(path) if path else None, "from_cache": False}
 
 
+def pack_all(docs: Sequence[Document], tokenizer, seq_len: int, cache_dir: Optional[str | os.PathLike]) -> torch.Tensor:
+    """Every document packed into blocks [N, seq_len] as build_blocks packs a split (no hold-out)."""
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    ids = tokenize_documents(docs, tokenizer, Path(cache_dir) if cache_dir is not None else None)
+    return _pack("whole", [d.name for d in docs], ids, seq_len)[0]
+
+
 def _vocab_size(tokenizer) -> int:
     return tokenizer.vocab_size if isinstance(tokenizer, Tokenizer) else len(tokenizer)
 

@@ -59,6 +59,9 @@ class SampleStream:
         return {"n_samples": self.n_samples, "seed": self.seed, "position": self._position}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("kept_sha256") != getattr(self, "kept_sha256", None):
+            raise DataError("data: the checkpoint's sample stream draws from another kept set than this one "
+                            "(a pruned stage's kept list changed or is missing)")
         # A different sample count or seed means a different order: resuming would silently
         # revisit or skip data, so it is refused rather than followed.
         for field in ("n_samples", "seed"):
@@ -71,6 +74,28 @@ class SampleStream:
 
     def __repr__(self) -> str:
         return f"SampleStream(n_samples={self.n_samples}, seed={self.seed}, position={self._position})"
+
+
+class SubsetStream(SampleStream):
+    """A SampleStream over a kept subset of the samples (a pruned stage): the order is a seeded
+    permutation of the kept indices per epoch, with the same `position` arithmetic, so it is as
+    resumable and batch-size independent as the full stream."""
+
+    def __init__(self, kept: torch.Tensor, seed: int, position: int = 0):
+        from .prune import kept_digest
+
+        super().__init__(len(kept), seed, position)
+        self.kept = kept.long()
+        self.kept_sha256 = kept_digest(self.kept)
+
+    def next_indices(self, global_batch: int) -> torch.Tensor:
+        return self.kept[super().next_indices(global_batch)]
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "kept_sha256": self.kept_sha256}
+
+    def __repr__(self) -> str:
+        return f"SubsetStream(kept={self.n_samples}, seed={self.seed}, position={self._position})"
 
 
 def shard(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
