@@ -92,7 +92,7 @@ def _generate(model, tokenizer, prompts, draft, max_new_tokens: int) -> dict:
     with counted(model, *( [draft] if draft is not None else [])) as calls, torch.no_grad():
         start = time.perf_counter()
         for p in prompts:
-            ids = encode(tokenizer, p)
+            ids = list(p) if isinstance(p, (list, tuple)) else encode(tokenizer, p)  # text, or token ids
             if not ids:
                 raise DataError("generate: an empty prompt")
             x = torch.tensor([ids])
