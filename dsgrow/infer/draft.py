@@ -6,7 +6,14 @@ verifies every drafted token); the draft only changes how many large-model forwa
 Acceptance is measured from those forwards: each verification forward of the large model yields
 its accepted draft tokens plus one of its own, so accepted = new tokens - large forwards, and
 acceptance = accepted / drafted, drafted being the draft model's forwards (one per proposed
-token)."""
+token). With sampling, transformers runs speculative sampling (a drafted token is accepted with
+probability min(1, p/q)), whose output follows the large model's distribution.
+
+`agreement` measures the same thing without generating: over held-out text, how often the
+draft's greedy next token is the large model's (greedy acceptance per position) and the mean
+sum_v min(p(v), q(v)) = 1 - TV(p, q) (speculative sampling's expected acceptance per token). Small
+models' greedy continuations degenerate into loops that any draft predicts; real text does not.
+"""
 from __future__ import annotations
 
 import time
@@ -73,32 +80,58 @@ def draft_settings(draft, tokens: Optional[int], confidence: Optional[float]):
 
 
 def generate(model, tokenizer, prompts: Sequence[str], draft=None, max_new_tokens: int = 64,
-             draft_tokens: Optional[int] = None, draft_confidence: Optional[float] = None) -> dict:
-    """Greedy continuations of `prompts` (one at a time: assisted generation is batch size 1),
-    exactly `max_new_tokens` each. Returns the texts and ids, wall time, tokens/s and, with a
-    draft, the large / draft forward counts and the acceptance rate. draft_tokens /
-    draft_confidence: see draft_settings (None: transformers' defaults)."""
+             draft_tokens: Optional[int] = None, draft_confidence: Optional[float] = None,
+             temperature: Optional[float] = None, seed: int = 0) -> dict:
+    """Continuations of `prompts` (one at a time: assisted generation is batch size 1), exactly
+    `max_new_tokens` each: greedy, or sampled at `temperature` (prompt i seeded with seed + i).
+    Returns the texts and ids, wall time, tokens/s and, with a draft, the large / draft forward
+    counts and the acceptance rate. draft_tokens / draft_confidence: see draft_settings (None:
+    transformers' defaults)."""
+    if temperature is not None and not temperature > 0:
+        raise DataError(f"generate: temperature must be > 0, got {temperature}")
     if draft is not None:
         check_pair(model, draft)
         with draft_settings(draft, draft_tokens, draft_confidence):
-            return _generate(model, tokenizer, prompts, draft, max_new_tokens)
-    return _generate(model, tokenizer, prompts, None, max_new_tokens)
+            return _generate(model, tokenizer, prompts, draft, max_new_tokens, temperature, seed)
+    return _generate(model, tokenizer, prompts, None, max_new_tokens, temperature, seed)
 
 
-def _generate(model, tokenizer, prompts, draft, max_new_tokens: int) -> dict:
+def agreement(model, draft, blocks: torch.Tensor, batch: int = 16) -> dict:
+    """Teacher-forced on `blocks` (held-out text): the share of positions where the draft's argmax
+    is the model's, and the mean of sum_v min(p, q) (speculative sampling's acceptance per token)."""
+    check_pair(model, draft)
+    match, accept, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch):
+            ids = blocks[i:i + batch]
+            p = torch.softmax(model(input_ids=ids).logits.float(), -1)
+            q = torch.softmax(draft(input_ids=ids).logits.float(), -1)
+            match += float((p.argmax(-1) == q.argmax(-1)).sum())
+            accept += float(torch.minimum(p, q).sum(-1).sum())
+            n += ids.numel()
+    return {"greedy_match": match / n, "expected_acceptance": accept / n, "positions": n}
+
+
+def _generate(model, tokenizer, prompts, draft, max_new_tokens: int, temperature: Optional[float],
+              seed: int) -> dict:
     eos = eos_id(tokenizer)
     out_ids, texts = [], []
     new = 0
     with counted(model, *( [draft] if draft is not None else [])) as calls, torch.no_grad():
         start = time.perf_counter()
-        for p in prompts:
+        for i, p in enumerate(prompts):
             ids = list(p) if isinstance(p, (list, tuple)) else encode(tokenizer, p)  # text, or token ids
             if not ids:
                 raise DataError("generate: an empty prompt")
             x = torch.tensor([ids])
             kw = {"assistant_model": draft} if draft is not None else {}
+            if temperature is not None:
+                torch.manual_seed(seed + i)
+                kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            else:
+                kw.update(do_sample=False)
             y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                               min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos, use_cache=True,
+                               min_new_tokens=max_new_tokens, pad_token_id=eos, use_cache=True,
                                **kw)
             gen = y[0, x.shape[1]:].tolist()
             new += len(gen)
