@@ -11,12 +11,12 @@ from typing import Optional, Sequence
 USAGE = """usage: dsgrow COMMAND [ARGS]
 
 commands:
-  train   pretrain (or continue) a run: same arguments as launchers/pretrain.py
-  grow    grow a small Hugging Face model into a larger one (ligo, stack, fpi, aki, ...)
-  plan    compute-optimal sizes and a growth plan for a token or FLOP budget
-  prune   score a corpus's blocks with a trained model and keep a fraction (kept list + histogram)
-  generate  greedy generation from a model, optionally with a small draft model (assisted generation)
-  score   per-block loss of a corpus, optionally by a small-then-large cascade
+  train     pretrain (or continue) a run: same arguments as launchers/pretrain.py
+  grow      grow a small Hugging Face model into a larger one (ligo, stack, fpi, aki, ...)
+  plan      compute-optimal sizes and a growth plan for a token or FLOP budget
+  prune     score a corpus's blocks with a trained model and keep a fraction (kept list + histogram)
+  generate  generation from a model, optionally with a small draft model (assisted generation)
+  score     per-block loss of a corpus, optionally by a small-then-large cascade
 
 `dsgrow COMMAND --help` describes each one."""
 

@@ -531,6 +531,10 @@ class Trainer:
             self.say(f"grew {small_spec.layers}x{small_spec.hidden} -> {large_spec.layers}x{large_spec.hidden} "
                      f"({g.method}): val loss {ev['loss_before']:.4f} -> {ev['loss_after']:.4f}, "
                      f"{ev['growth_s']:.1f} s")
+            if "prune" in ev:
+                pr = ev["prune"]
+                self.say(f"pruned the data by {pr['score']} ({pr['keep']}): {pr['kept_samples']:,} of "
+                         f"{pr['samples']:,} samples kept, scored in {pr['prune_s']:.1f} s ({pr['flops']:.3g} FLOPs)")
 
     def _export_moments(self, moments: dict, name: str) -> None:
         """stages/<name>-adam.safetensors: exp_avg.<param>, exp_avg_sq.<param> (HF names) and the

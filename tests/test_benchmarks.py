@@ -224,3 +224,28 @@ def test_draft_benchmark_recipes_are_valid():
             ind["train"]["init_from"] = None
             ri = recipe_from_tree(ind)
             assert ri.stages is None and ri.train.tokens == ts and ri.model == rg.stage_plan()[0].model
+
+
+def test_cascade_benchmark_builds_the_scores_dsgrow_score_builds():
+    """benchmarks/cascade.py scores each block once per model and recombines: the same scores as
+    dsgrow.infer.cascade.cascade running both models, for every route share."""
+    import torch
+
+    from dsgrow.families.hf_io import build_hf_model
+    from dsgrow.families.spec import ModelSpec
+    from dsgrow.infer.cascade import cascade, loss_and_entropy
+
+    cb = bench_module("cascade")
+    spec = ModelSpec(family="gpt2", layers=1, hidden=32, heads=4, vocab_size=64, max_seq_len=16)
+    small, large = (build_hf_model(spec, seed=s).eval() for s in (0, 1))
+    blocks = torch.randint(0, 64, (40, 16), generator=torch.Generator().manual_seed(0))
+    fs, fl = (lambda ids: small(input_ids=ids).logits), (lambda ids: large(input_ids=ids).logits)
+    with torch.no_grad():
+        (s_loss, s_ent), (l_loss, _) = loss_and_entropy(fs, blocks), loss_and_entropy(fl, blocks)
+        for share in (0.1, 0.5, 1.0):
+            for rule in ("margin", "entropy"):
+                ref = cascade(fs, fl, blocks, share, rule, 0.7, "hard")
+                got, k = cb.cascade_scores(s_loss, s_ent, l_loss, share, rule, 0.7, seed=0)
+                assert k == len(ref["routed"]) and torch.allclose(got, ref["scores"], atol=1e-6)
+        got, k = cb.cascade_scores(s_loss, s_ent, l_loss, 0.25, "random", 0.7, seed=0)
+        assert k == 10 and (got == l_loss).sum() >= 10
