@@ -16,7 +16,8 @@ activations).
 
 FLOPs. The first step runs under `torch.utils.flop_counter.FlopCounterMode`, which counts every
 matmul that really runs (large forward + backward, checkpoint recompute, operator and its
-backward); that count times the steps is `flops`, the fit's whole cost. The operator's share of it
+backward), attention included (schedules/flop_count.py teaches the counter the CPU SDPA kernels,
+which it would count as 0); that count times the steps is `flops`, the fit's whole cost. The operator's share of it
 is counted the same way (`flops_operator`, part of `flops`, not on top of it), and `flops_model_6nd` is the usual 6 N D + attention estimate of the large
 model for the fitted tokens (dsgrow.schedules.flops), for comparison with papers.
 """
@@ -289,11 +290,9 @@ class FitReport:
 
 
 def _count_flops(fn: Callable[[], Any]) -> tuple[Any, float]:
-    from torch.utils.flop_counter import FlopCounterMode
+    from ..schedules.flop_count import count_flops  # SDPA's attention counted on CPU too
 
-    with FlopCounterMode(display=False) as counter:
-        out = fn()
-    return out, float(counter.get_total_flops())
+    return count_flops(fn)
 
 
 def operator_flops(op: LiGO) -> float:
