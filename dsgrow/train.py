@@ -28,7 +28,7 @@ from .run.metrics import MetricsLog, format_summary, json_safe
 from .run.objective import Objective
 from .run.schedule import StageSchedule
 from .run.setup import check_init_from, check_resume_data, check_resume_recipe, data_fingerprint, prepare_data
-from .schedules.flops import flops_per_token
+from .schedules.flops import flops_per_token, forward_flops_per_token
 
 
 
@@ -163,25 +163,19 @@ class Trainer:
         """At a stage boundary: the current (previous stage's) model scores every training sample,
         data-parallel, and the next stage, its growth fit included, draws only the kept share. The
         scoring forwards are counted in the run's FLOPs."""
-        from .data.prune import prune, save_result
+        from .data.prune import lm_forward, prune, save_result
         from .engine.runtime import all_gather_object, barrier, broadcast_object
 
         nxt = self.stages[self.stage.index + 1]
         cfg = nxt.prune
         start = time.perf_counter()
-        hidden = cfg.score == "prototype"
-
-        def forward(ids: torch.Tensor):
-            out = self.engine(input_ids=ids.to(self.device), output_hidden_states=hidden)
-            return out.logits, (out.hidden_states[-1] if hidden else None)
-
         self.engine.eval()
         with torch.no_grad():
-            res = prune(forward, self.data.train, cfg, self.rank, self.world, all_gather_object)
+            res = prune(lm_forward(self.engine, cfg.score, self.device), self.data.train, cfg, self.rank, self.world,
+                        all_gather_object)
         self.engine.train()
         ran = sum(all_gather_object(res["ran"]))
-        # A forward costs a third of a training step's FLOPs (the FLOPs meter's 6ND convention).
-        flops = ran * self.t.seq_len * flops_per_token(self.spec, self.t.seq_len) / 3.0
+        flops = ran * self.t.seq_len * forward_flops_per_token(self.spec, self.t.seq_len)
         self.flops += flops
         # k-means (prototype) runs on every rank; rank 0's selection is the run's.
         scores, kept = broadcast_object((res["scores"], res["kept"]) if self.rank == 0 else None)

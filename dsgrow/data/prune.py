@@ -20,6 +20,7 @@ the same bitwise on any world size.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -75,14 +76,25 @@ class PruneConfig:
         return self.score != "random"
 
     def to_dict(self) -> dict:
-        return {"score": self.score, "fraction": self.fraction, "keep": self.keep, "clusters": self.clusters,
-                "batch": self.batch, "seed": self.seed}
+        return dataclasses.asdict(self)
 
 
 def check_family(family: str, where: str) -> None:
     if family not in CAUSAL_FAMILIES:
         raise DataError(f"{where}: pruning scores blocks with a causal LM ({', '.join(CAUSAL_FAMILIES)}), "
                         f"not {family}")
+
+
+def lm_forward(model, score: str, device=None) -> Callable[[torch.Tensor], tuple]:
+    """`forward(ids) -> (logits, last hidden state or None)` of an HF causal LM (or a DeepSpeed
+    engine around one) for `score`: only prototype asks the model for its hidden states."""
+    hidden = score == "prototype"
+
+    def forward(ids: torch.Tensor):
+        out = model(input_ids=ids if device is None else ids.to(device), output_hidden_states=hidden)
+        return out.logits, (out.hidden_states[-1] if hidden else None)
+
+    return forward
 
 
 # -- per-chunk values ------------------------------------------------------------------------------

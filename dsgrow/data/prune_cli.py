@@ -92,7 +92,8 @@ def corpus_blocks(data: Sequence[str], tokenizer, seq_len: int, val_fraction: Op
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .prune import PruneConfig, histogram_png, prune, save_result
+    from ..families.spec import ModelSpec
+    from .prune import PruneConfig, check_family, histogram_png, lm_forward, prune, save_result
 
     cfg = PruneConfig(score=args.score, fraction=args.fraction, keep=args.keep, clusters=args.clusters,
                       batch=args.batch, seed=args.seed)
@@ -100,9 +101,6 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder")
     model, tok = load_causal_lm(args.model)
-    from ..data.prune import check_family
-    from ..families.spec import ModelSpec
-
     spec = ModelSpec.from_hf_config(model.config)
     check_family(spec.family, "--model")
     seq_len = args.seq_len or spec.max_seq_len
@@ -111,18 +109,12 @@ def run(args: argparse.Namespace) -> int:
     blocks = corpus_blocks(args.data, tok, seq_len, args.val_fraction, args.split_seed)
     if int(blocks.max()) >= spec.vocab_size:
         raise DataError(f"--data: token id {int(blocks.max())} does not fit the model's vocabulary ({spec.vocab_size})")
-    hidden = cfg.score == "prototype"
-
-    def forward(ids):
-        o = model(input_ids=ids, output_hidden_states=hidden)
-        return o.logits, (o.hidden_states[-1] if hidden else None)
-
     start = time.perf_counter()
     with torch.no_grad():
-        res = prune(forward, blocks, cfg)
-    from ..schedules.flops import flops_per_token
+        res = prune(lm_forward(model, cfg.score), blocks, cfg)
+    from ..schedules.flops import forward_flops_per_token
 
-    flops = res["ran"] * seq_len * flops_per_token(spec, seq_len) / 3.0
+    flops = res["ran"] * seq_len * forward_flops_per_token(spec, seq_len)
     meta = {**cfg.to_dict(), "model": str(args.model), "data": list(args.data), "seq_len": seq_len,
             "val_fraction": args.val_fraction, "split_seed": args.split_seed if args.val_fraction is not None else None,
             "flops": flops, "seconds": round(time.perf_counter() - start, 3)}

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from ..data.corpus import DataError
-from ..data.prune import select
+from ..data.prune import chunk_values, select
 
 ROUTES = ("margin", "entropy")
 
@@ -28,12 +28,10 @@ def loss_and_entropy(forward: Callable, blocks: torch.Tensor, batch: int = 16) -
     losses, ents = [], []
     for i in range(0, len(blocks), batch):
         ids = blocks[i:i + batch]
-        lg = forward(ids)[:, :-1].float()
-        tgt = ids[:, 1:]
-        ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
-        logp = torch.log_softmax(lg, dim=-1)
-        losses.append(ce.view(tgt.shape).mean(1))
-        ents.append(-(logp.exp() * logp).sum(-1).mean(1))
+        logits = forward(ids)
+        losses.append(chunk_values(logits, None, ids, "loss"))  # pruning's loss score, the same numbers
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        ents.append(-(logp.exp() * logp).sum(-1).mean(1).cpu())
     return torch.cat(losses), torch.cat(ents)
 
 

@@ -103,9 +103,8 @@ def score_main(argv: Sequence[str]) -> int:
     from ..data.prune import check_family, save_result, select
     from ..data.prune_cli import corpus_blocks, load_causal_lm
     from ..families.spec import ModelSpec
-    from ..schedules.flops import flops_per_token
+    from ..schedules.flops import forward_flops_per_token
     from .cascade import agreement, cascade, loss_and_entropy
-    from .draft import check_pair
 
     a = _score_parser().parse_args(argv)
     if not 0.0 < a.fraction <= 1.0:
@@ -118,14 +117,13 @@ def score_main(argv: Sequence[str]) -> int:
     small = spec_s = None
     if a.cascade:
         small = load_causal_lm(a.cascade)[0]
-        check_pair(large, small)
         spec_s = ModelSpec.from_hf_config(small.config)
     seq_len = a.seq_len or spec_l.max_seq_len
     for s in (spec_l, spec_s):
         if s is not None and seq_len > s.max_seq_len:
             raise DataError(f"--seq-len {seq_len} exceeds a model's {s.max_seq_len} positions")
     blocks = corpus_blocks(a.data, tok, seq_len, None, 0)
-    fwd = lambda spec: flops_per_token(spec, seq_len) / 3.0 * seq_len  # noqa: E731  (one block's forward)
+    fwd = lambda spec: forward_flops_per_token(spec, seq_len) * seq_len  # noqa: E731  (one block's forward)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -20,3 +20,8 @@ def flops_per_token(spec: ModelSpec, seq_len: int | None = None) -> float:
     t = seq_len if seq_len is not None else spec.max_seq_len
     return 6.0 * matmul_params(spec) + 12.0 * spec.layers * spec.hidden * t
 
+
+def forward_flops_per_token(spec: ModelSpec, seq_len: int | None = None) -> float:
+    """FLOPs for one token of a forward alone (scoring, inference): a third of a training token's."""
+    return flops_per_token(spec, seq_len) / 3.0
+
