@@ -365,8 +365,17 @@ def main() -> int:
     p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero2.json"))
     p.add_argument("--work", default=None, help="run folder (default runs/growth_vs_scratch/NAME[-quick])")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where the JSON/MD/PNG go")
+    p.add_argument("--seeds", default=None,
+                   help="comma list of the recipe's seeds to run (results named NAME-seedS...); two "
+                        "processes can run two seeds side by side, a later full run reuses their runs")
     a = p.parse_args()
     cfg = load_bench(a.recipe, a.quick)
+    suffix = ""
+    if a.seeds:
+        seeds = [int(x) for x in a.seeds.split(",")]
+        if not set(seeds) <= set(cfg["seeds"]):
+            raise SystemExit(f"--seeds: {a.seeds} is not a subset of the recipe's seeds {cfg['seeds']}")
+        cfg["seeds"], suffix = seeds, "-seed" + "-".join(map(str, seeds))
     methods = a.methods.split(",") if a.methods else list(cfg["methods"])
     from dsgrow.growth import ALL_METHODS
 
@@ -376,6 +385,7 @@ def main() -> int:
         raise SystemExit(f"--methods: {bad[0]} is not one of the recipe's methods ({', '.join(cfg['methods'])})")
     name = cfg["name"] + ("-quick" if a.quick else "")
     work_root = Path(a.work or REPO / "runs" / "growth_vs_scratch" / name)
+    name += suffix
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     work_root.mkdir(parents=True, exist_ok=True)

@@ -58,11 +58,12 @@ def max_logit_diff(small, c_small, target, c_large):
 # ------------------------------------------------------------------------------------------------
 # Width x2 (heads 4 -> 8, kv groups kept), MLP 48 -> 80 (not a multiple), depth 2 -> 5 (not a multiple).
 FP_TARGET = {"layers": 5, "hidden": 64, "ffn": 80}
-FP_METHODS = [("fpi", {}), ("ligo", {"init": "fpi"}), ("hyperclone", {}), ("hyperclone", {"noise": 0.05})]
+FP_METHODS = [("fpi", {}), ("fpi", {"noise": 0.2}), ("ligo", {"init": "fpi"}), ("hyperclone", {}),
+              ("hyperclone", {"noise": 0.05})]
 
 
 @pytest.mark.parametrize("name", list(SMALL))
-@pytest.mark.parametrize("method,opts", FP_METHODS, ids=["fpi", "ligo-fpi", "hyperclone", "hyperclone-noise"])
+@pytest.mark.parametrize("method,opts", FP_METHODS, ids=["fpi", "fpi-noise", "ligo-fpi", "hyperclone", "hyperclone-noise"])
 def test_function_preserving_growth(smalls, name, method, opts):
     small, c = smalls[name]
     target = dict(FP_TARGET, ffn=96) if method == "hyperclone" else FP_TARGET  # hyperclone: multiples only
@@ -468,7 +469,9 @@ def test_layer_stream_is_bitwise_the_materialised_model(family, extra):
 @pytest.mark.parametrize("family,extra", [("gpt2", {}), ("llama", {"kv_heads": 2}), ("bert", {})])
 @pytest.mark.parametrize("method,opts", [("fpi", {}), ("fpi", {"select": "random", "depth": "interleave"}),
                                          ("aki", {}), ("stack", {}), ("interpolate", {}), ("hyperclone", {}),
-                                         ("hyperclone", {"noise": 0.01})])
+                                         ("hyperclone", {"noise": 0.01}), ("fpi", {"noise": 0.2}),
+                                         ("aki", {"noise": 0.2}), ("stack", {"noise": 0.2}),
+                                         ("interpolate", {"noise": 0.2})])
 def test_closed_form_streams_equal_the_whole_dict(family, extra, method, opts):
     """A closed-form growth written one large layer at a time (reading only the small layers that
     layer's plan row names) has the values of the whole-dict growth, and makes each layer once."""

@@ -10,7 +10,7 @@ optimizer transfer, card); `CARDS` describes each method; `GrowthError` (a Value
 request that cannot be carried out.
 """
 from .api import ALL_METHODS, check_request, grow, grow_canonical, method_options
-from .cards import CARDS
+from .cards import CARDS, PAPER_FORMS
 from .fit import FitReport, fit_ligo, heldout_loss
 from .hyperclone import hyperclone
 from .interpolate import interpolate
@@ -23,7 +23,7 @@ from .report import GrowthReport, PhaseReport
 from .stack import stack
 
 __all__ = [
-    "grow", "grow_canonical", "check_request", "method_options", "ALL_METHODS", "CARDS",
+    "grow", "grow_canonical", "check_request", "method_options", "ALL_METHODS", "CARDS", "PAPER_FORMS",
     "REGISTRY", "GrowthMethod", "FitRequest", "get_method", "register", "GrowthReport", "PhaseReport",
     "GrowthError", "resolve_target", "LiGO", "INITS", "fit_ligo", "heldout_loss", "FitReport",
     "fpi", "aki", "hyperclone", "stack", "interpolate", "random_init",

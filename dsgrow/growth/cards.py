@@ -41,3 +41,15 @@ CARDS = {
         "From scratch - the target model with the family's own random init (Hugging Face init, "
         "initializer_range). The reference every growth method must beat; preserves nothing."),
 }
+
+# Each copy-based baseline in the form its paper recommends: copies that start as exact twins stay
+# twins under Adam with dropout 0 unless the symmetry is broken (growth/symmetry.py; checked by
+# tests/test_symmetry.py). Benchmarks compare LiGO with these rows; the unbroken forms are the
+# methods' plain defaults, reported as labelled rows only.
+PAPER_FORMS = {
+    "fpi": {"noise": 0.2},         # Net2Net adds small noise (no number given): G_stack's 20%
+    "aki": {"noise": 0.2},         # AKI's top layer has no layer above to mix in: noise there too
+    "hyperclone": {"noise": 0.3},  # the paper's noisy variant at ~10 dB SNR: std 0.3 x std(W)
+    "stack": {"noise": 0.2},       # G_stack: ~20% noise on the copy helped
+    "interpolate": {"noise": 0.2},  # width by FPI copies, broken as fpi's
+}

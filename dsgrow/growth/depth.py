@@ -150,15 +150,21 @@ class FixedGrowth:
     terms of the mix leaves every value as it was (x + 0 * t = x; only the sign of a zero can
     differ).
     `widen_hook(j, widen) -> widened layer j` may rewrite a widened layer (AKI reads layer j + 1).
+    `noise` > 0 breaks the copies' symmetry without changing the function (growth/symmetry.py),
+    each tensor from its own seeded generator, so a layer made alone gets the same noise.
     """
 
-    def __init__(self, small, canonical: dict, large, maps: dict, plan: DepthPlan, widen_hook=None):
+    def __init__(self, small, canonical: dict, large, maps: dict, plan: DepthPlan, widen_hook=None,
+                 noise: float = 0.0, noise_seed: int = 0):
         from ..families import norm_position
+        from .symmetry import break_symmetry
 
         self.small, self.large, self.maps, self.hook = small, large, maps, widen_hook
+        self.noise, self.noise_seed = float(noise), int(noise_seed)
         self.layers, glob = split_layers(small, canonical)
         self.head_tied = "head.weight" not in glob
-        self.glob = widen_global(glob, maps, self.head_tied)
+        self.glob = {k: break_symmetry(k, t, maps, self.noise, self.noise_seed)
+                     for k, t in widen_global(glob, maps, self.head_tied).items()}
         self.w, self.ident = plan.matrices(self.layers[0].keys(), small.layers, norm_position(small) == "post")
 
     def _widen(self, j: int) -> dict:
@@ -171,7 +177,16 @@ class FixedGrowth:
         L1 = self.small.layers
         js = [j for j in range(L1) if any(float(m[l, j]) != 0.0 for m in self.w.values())] or [0]
         w = {s: m[:, js] for s, m in self.w.items()}
-        return mix_one_layer((self.widened(j) for j in js), w, l, self.ident, consume=True)
+        if not self.noise:
+            return mix_one_layer((self.widened(j) for j in js), w, l, self.ident, consume=True)
+        from .symmetry import break_symmetry
+
+        widened = [self.widened(j) for j in js]
+        layer = mix_one_layer(widened, w, l, self.ident)
+        # The first source's widened tensor sets the noise scale where the mix is all zeros (an
+        # identity layer's writers): its copies must be told apart too.
+        return {s: break_symmetry(f"layers.{l}.{s}", t, self.maps, self.noise, self.noise_seed,
+                                  fallback=widened[0][s]) for s, t in layer.items()}
 
     def all(self) -> dict:
         from ..families import canonical_keys

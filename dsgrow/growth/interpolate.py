@@ -15,13 +15,16 @@ from .net2net import fpi_maps
 
 
 def interpolate_growth(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even",
-                       seed: int = 0) -> FixedGrowth:
+                       seed: int = 0, noise: float = 0.0) -> FixedGrowth:
     plan = interpolate_plan(small.layers, large.layers)
-    return FixedGrowth(small, canonical, large, fpi_maps(small, large, select, seed), plan)
+    return FixedGrowth(small, canonical, large, fpi_maps(small, large, select, seed), plan, noise=noise,
+                       noise_seed=seed)
 
 
-def interpolate(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", seed: int = 0) -> dict:
-    return interpolate_growth(small, canonical, large, select, seed).all()
+def interpolate(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", seed: int = 0,
+                noise: float = 0.0) -> dict:
+    """`noise` > 0 breaks the width copies' symmetry (growth/symmetry.py)."""
+    return interpolate_growth(small, canonical, large, select, seed, noise).all()
 
 
 __all__ = ["interpolate", "interpolate_growth"]

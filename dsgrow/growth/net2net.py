@@ -34,17 +34,19 @@ def fpi_maps(small: ModelSpec, large: ModelSpec, select: str = "even", seed: int
 
 
 def fpi_growth(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", depth: str = "identity",
-               seed: int = 0) -> FixedGrowth:
+               seed: int = 0, noise: float = 0.0) -> FixedGrowth:
     from ..families import norm_position
 
     plan = make_plan(depth, small.layers, large.layers, norm_position(small) == "post")
-    return FixedGrowth(small, canonical, large, fpi_maps(small, large, select, seed), plan)
+    return FixedGrowth(small, canonical, large, fpi_maps(small, large, select, seed), plan, noise=noise,
+                       noise_seed=seed)
 
 
 def fpi(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", depth: str = "identity",
-        seed: int = 0) -> dict:
-    """bert2BERT's FPI (Net2Net width) with the chosen depth map."""
-    return fpi_growth(small, canonical, large, select, depth, seed).all()
+        seed: int = 0, noise: float = 0.0) -> dict:
+    """bert2BERT's FPI (Net2Net width) with the chosen depth map; `noise` > 0 breaks the copies'
+    symmetry as Net2Net recommends, in the function-preserving zero-sum form (growth/symmetry.py)."""
+    return fpi_growth(small, canonical, large, select, depth, seed, noise).all()
 
 
 def _first_copy_mask(m: SelectMap) -> torch.Tensor:
@@ -59,7 +61,7 @@ def _first_copy_mask(m: SelectMap) -> torch.Tensor:
 
 
 def aki_growth(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", depth: str = "stack",
-               seed: int = 0) -> FixedGrowth:
+               seed: int = 0, noise: float = 0.0) -> FixedGrowth:
     from ..families import norm_position
 
     maps = fpi_maps(small, large, select, seed)
@@ -78,15 +80,16 @@ def aki_growth(small: ModelSpec, canonical: dict, large: ModelSpec, select: str 
         return mixed
 
     plan = make_plan(depth, small.layers, large.layers, norm_position(small) == "post")
-    return FixedGrowth(small, canonical, large, maps, plan, widen_hook=mix_next)
+    return FixedGrowth(small, canonical, large, maps, plan, widen_hook=mix_next, noise=noise, noise_seed=seed)
 
 
 def aki(small: ModelSpec, canonical: dict, large: ModelSpec, select: str = "even", depth: str = "stack",
-        seed: int = 0) -> dict:
+        seed: int = 0, noise: float = 0.0) -> dict:
     """bert2BERT's AKI: FPI, except that every *new* output unit of layer j takes its weights from
     layer j + 1 (the top layer keeps its own). Not function preserving by design: the copies stop
-    being identical, which breaks the symmetry FPI leaves between a unit and its copies."""
-    return aki_growth(small, canonical, large, select, depth, seed).all()
+    being identical, which breaks the symmetry FPI leaves between a unit and its copies, except in
+    the top layer (it has no layer above): its MLP and head copies stay twins unless `noise` > 0."""
+    return aki_growth(small, canonical, large, select, depth, seed, noise).all()
 
 
 __all__ = ["fpi", "aki", "fpi_maps", "fpi_growth", "aki_growth"]
