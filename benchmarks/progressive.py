@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dsgrow.config import parse_count  # noqa: E402
-from growth_vs_scratch import merge, read_bench  # noqa: E402  (this folder is on sys.path: a script, or the tests)
+from growth_vs_scratch import merge, read_bench, source_hash  # noqa: E402  (this folder is on sys.path: a script, or the tests)
 
 KNOWN = {"name", "base", "tokens", "lrs", "tune_seed", "seeds", "scales", "variants", "quick"}
 VARIANT_KEYS = {"schedule", "stages", "grow", "lrs", "tune_only", "train"}
@@ -129,17 +129,6 @@ def recipe_of(cfg: dict, label: str, lr: float, seed: int, scale: float) -> dict
         r["stages"] = out
     r["train"] = tr
     return r
-
-
-def source_hash() -> str:
-    """Hash of the code a run executes (dsgrow's sources and the launcher): a cached run is reused
-    only with the same code."""
-    h = hashlib.sha256()
-    for p in sorted([*(REPO / "dsgrow").rglob("*.py"), *(REPO / "dsgrow").rglob("*.yaml"),
-                     REPO / "launchers" / "pretrain.py"]):
-        h.update(str(p.relative_to(REPO)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 class Runner:

