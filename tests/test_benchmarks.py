@@ -98,6 +98,23 @@ def test_score_row_counts_the_fit_and_the_small_model():
     assert not never["reached"] and "saving_given" not in never
 
 
+def test_per_seed_results_combine_into_one(tmp_path):
+    """Seeds run side by side (--seeds) combine into one result of the recipe, seeds in order; results
+    of another recipe are refused."""
+    gvs = growth_vs_scratch()
+    recipe = {"name": "x", "large_tokens": 100, "seeds": [11, 12]}
+    part = lambda seed, tokens=100: {"name": f"x-seed{seed}", "recipe": dict(recipe, seeds=[seed], large_tokens=tokens),
+                                     "seeds": [{"seed": seed}], "wall_s": 2.0, "date": "d"}
+    for seed in (12, 11):
+        (tmp_path / f"{seed}.json").write_text(json.dumps(part(seed)))
+    res = gvs.combine([str(tmp_path / "12.json"), str(tmp_path / "11.json")], "x")
+    assert [s["seed"] for s in res["seeds"]] == [11, 12] and res["recipe"]["seeds"] == [11, 12]
+    assert res["name"] == "x" and res["wall_s"] == 4.0
+    (tmp_path / "other.json").write_text(json.dumps(part(13, tokens=200)))
+    with pytest.raises(SystemExit, match="different recipes"):
+        gvs.combine([str(tmp_path / "11.json"), str(tmp_path / "other.json")], "x")
+
+
 def test_growth_vs_scratch_refuses_an_unknown_method(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "growth_vs_scratch.py"), "--quick",
                            "--methods", "ligo,magic", "--work", str(tmp_path), "--out", str(tmp_path)],

