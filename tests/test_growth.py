@@ -60,10 +60,11 @@ def max_logit_diff(small, c_small, target, c_large):
 FP_TARGET = {"layers": 5, "hidden": 64, "ffn": 80}
 FP_METHODS = [("fpi", {}), ("fpi", {"noise": 0.2}), ("ligo", {"init": "fpi"}), ("hyperclone", {}),
               ("hyperclone", {"noise": 0.05})]
+FP_IDS = ["fpi", "fpi-noise", "ligo-fpi", "hyperclone", "hyperclone-noise"]
 
 
 @pytest.mark.parametrize("name", list(SMALL))
-@pytest.mark.parametrize("method,opts", FP_METHODS, ids=["fpi", "fpi-noise", "ligo-fpi", "hyperclone", "hyperclone-noise"])
+@pytest.mark.parametrize("method,opts", FP_METHODS, ids=FP_IDS)
 def test_function_preserving_growth(smalls, name, method, opts):
     small, c = smalls[name]
     target = dict(FP_TARGET, ffn=96) if method == "hyperclone" else FP_TARGET  # hyperclone: multiples only

@@ -12,7 +12,7 @@ from dsgrow.families import ModelSpec, SpecError, build_hf_model, canonical_keys
 from dsgrow.families import mup
 from dsgrow.growth import GrowthError, grow_canonical, resolve_target
 from test_benchmarks import bench_module
-from test_growth import FP_METHODS, FP_TARGET, IDS, SMALL, TOL, random_canonical
+from test_growth import FP_IDS, FP_METHODS, FP_TARGET, IDS, SMALL, TOL, random_canonical
 
 # Small models at width multiplier 2 (base 16 < hidden 32), with base_head_dim 4 != head_dim 8 on
 # the families with head_dim free to differ, so the attention factor and its fold are exercised.
@@ -95,7 +95,7 @@ def test_spec_and_growth_errors_are_one_line():
 
 
 @pytest.mark.parametrize("name", list(MUP_SMALL))
-@pytest.mark.parametrize("method,opts", FP_METHODS, ids=["fpi", "ligo-fpi", "hyperclone", "hyperclone-noise"])
+@pytest.mark.parametrize("method,opts", FP_METHODS, ids=FP_IDS)
 def test_function_preserving_growth_under_mup(name, method, opts):
     small = MUP_SMALL[name]
     c = random_canonical(small)
