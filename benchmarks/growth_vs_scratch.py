@@ -290,6 +290,12 @@ def validate(cfg: dict, methods: list[str], work: Path) -> None:
             raise SystemExit(f"growth_vs_scratch: methods.{label}: {e}") from None
 
 
+def sweep_summary(runs: dict) -> dict:
+    """Each LR's final training and held-out loss (what the pick saw, and what it did not use)."""
+    return {str(lr): {"final_train_loss": c["final_train_loss"], "final_val_loss": c["final_val_loss"]}
+            for lr, c in runs.items()}
+
+
 def pick(runs: dict) -> tuple[float, dict]:
     """(lr, curve) with the lowest final training loss."""
     lr = min(runs, key=lambda k: runs[k]["final_train_loss"])
@@ -350,9 +356,7 @@ def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict
         s_lr, s = pick(scratch)
         rows = {"scratch": {"lr": s_lr, "flops_to_target": s["total_flops"], "wall_to_target_s": s["wall"][-1],
                             "final_val_loss": s["final_val_loss"], "curve": s, "reached": True,
-                            "saving_given": 0.0, "saving_end_to_end": 0.0,
-                            "sweep": {str(lr): {"final_train_loss": c["final_train_loss"],
-                                                "final_val_loss": c["final_val_loss"]} for lr, c in scratch.items()}}}
+                            "saving_given": 0.0, "saving_end_to_end": 0.0, "sweep": sweep_summary(scratch)}}
         for m in methods:
             _, lrs, train = split_entry(cfg, m)
             g = grown[m]
@@ -360,9 +364,7 @@ def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict
             lr, c = pick(runs)
             row = score_row(c, g["fit_flops"], g["grow_wall_s"], small_c, s)
             row.update(lr=lr, fit_tokens=g["fit_tokens"], fit_loss_first=g["fit_loss_first"],
-                       fit_loss_last=g["fit_loss_last"],
-                       sweep={str(k): {"final_train_loss": v["final_train_loss"], "final_val_loss": v["final_val_loss"]}
-                              for k, v in runs.items()})
+                       fit_loss_last=g["fit_loss_last"], sweep=sweep_summary(runs))
             rows[m] = row
         horizons[f"{h:g}"] = {"large_tokens": L, "target": s["final_val_loss"], "scratch_flops": s["total_flops"],
                               "scratch_wall_s": s["wall"][-1], "rows": rows}

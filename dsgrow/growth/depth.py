@@ -10,6 +10,7 @@ import torch
 
 from .ops import (RESIDUAL_WRITERS, GrowthError, join_layers, mix_one_layer, split_layers, widen_global,
                   widen_layer)
+from .symmetry import break_symmetry
 
 DEPTH_KINDS = ("identity", "stack", "interleave", "interpolate")
 
@@ -157,7 +158,6 @@ class FixedGrowth:
     def __init__(self, small, canonical: dict, large, maps: dict, plan: DepthPlan, widen_hook=None,
                  noise: float = 0.0, noise_seed: int = 0):
         from ..families import norm_position
-        from .symmetry import break_symmetry
 
         self.small, self.large, self.maps, self.hook = small, large, maps, widen_hook
         self.noise, self.noise_seed = float(noise), int(noise_seed)
@@ -179,8 +179,6 @@ class FixedGrowth:
         w = {s: m[:, js] for s, m in self.w.items()}
         if not self.noise:
             return mix_one_layer((self.widened(j) for j in js), w, l, self.ident, consume=True)
-        from .symmetry import break_symmetry
-
         widened = [self.widened(j) for j in js]
         layer = mix_one_layer(widened, w, l, self.ident)
         # The first source's widened tensor sets the noise scale where the mix is all zeros (an

@@ -147,18 +147,19 @@ class SelectMap(AxisMap):
             raise GrowthError(f"selection drops unit {int((counts == 0).nonzero()[0])}: every old unit needs a copy")
         self.idx, self.counts, self.n1, self.n2, self.unit = idx, counts, n1, idx.numel(), unit
 
-    def _rows(self) -> torch.Tensor:
+    def rows(self) -> torch.Tensor:
+        """The old row each new row copies (units expanded: a head is `unit` rows)."""
         u = torch.arange(self.unit)
         return (self.idx[:, None] * self.unit + u).reshape(-1)
 
     def out(self, t, dim):
-        return t.index_select(dim, self._rows())
+        return t.index_select(dim, self.rows())
 
     def inn(self, t, dim):
         scale = (1.0 / self.counts[self.idx].to(torch.float64)).repeat_interleave(self.unit)
         shape = [1] * t.dim()
         shape[dim] = -1
-        return t.index_select(dim, self._rows()) * scale.to(t.dtype).reshape(shape)
+        return t.index_select(dim, self.rows()) * scale.to(t.dtype).reshape(shape)
 
     def matrix(self, dtype=torch.float32) -> torch.Tensor:
         """The [n2, n1] one-hot matrix of this map (LiGO's Net2Net-style inits start from it)."""

@@ -59,9 +59,8 @@ def break_symmetry(key: str, t: torch.Tensor, maps: dict, noise: float, seed: in
         m = maps[role[0]]
         if int(m.counts.max()) < 2:
             continue  # nothing copied on this axis
-        rows = (m.idx[:, None] * m.unit + torch.arange(m.unit)).reshape(-1)
         std = _std(t) or (_std(fallback) if fallback is not None else 0.0)
-        t = zero_sum_noise(t, dim, rows, m.n1 * m.unit, noise * std, g)
+        t = zero_sum_noise(t, dim, m.rows(), m.n1 * m.unit, noise * std, g)
     return t
 
 
