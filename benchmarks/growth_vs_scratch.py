@@ -49,6 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -94,12 +95,15 @@ def load_bench(path: str, quick: bool) -> dict:
     cfg.setdefault("lrs", [cfg["base"].get("train", {}).get("lr", 1e-3)])
     cfg.setdefault("scratch_lrs", cfg["lrs"])
     cfg.setdefault("seeds", [1234])
-    cfg.setdefault("horizons", [1])
-    h = cfg["horizons"]
-    if not isinstance(h, list) or not h or not all(isinstance(x, (int, float)) and x > 0 for x in h) or h[0] != 1:
-        raise SystemExit(f"{path}: horizons: expected a list of positive multiples of large_tokens starting "
-                         f"with 1, got {h!r}")
+    cfg["horizons"] = check_horizons(cfg.get("horizons", [1]), f"{path}: horizons")
     return cfg
+
+
+def check_horizons(h, where: str) -> list:
+    if not isinstance(h, list) or not h or not all(isinstance(x, (int, float)) and x > 0 for x in h) or h[0] != 1:
+        raise SystemExit(f"{where}: expected a list of positive multiples of large_tokens starting "
+                         f"with 1, got {h!r}")
+    return h
 
 
 def source_hash() -> str:
@@ -118,8 +122,8 @@ def key_of(*parts: str) -> str:
 
 
 class Runner:
-    def __init__(self, cfg: dict, work: Path, ds_config: str, env: dict, code: str | None = None):
-        self.cfg, self.work, self.ds_config, self.env = cfg, work, ds_config, env
+    def __init__(self, cfg: dict, work: Path, ds_config: str, env: dict, code: str | None = None, jobs: int = 1):
+        self.cfg, self.work, self.ds_config, self.env, self.jobs = cfg, work, ds_config, env, jobs
         self.code = source_hash() if code is None else code
 
     def recipe(self, name: str, model: dict, tokens: int, lr: float, seed: int, init_from: str | None = None,
@@ -158,6 +162,15 @@ class Runner:
         (out / "bench_key").write_text(key)
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         return out
+
+    def run_all(self, jobs: dict) -> dict:
+        """{name: (recipe, start)} -> {name: run folder}, up to self.jobs training processes at once
+        (each run is its own process, so they contend for cores alike: read FLOPs, not wall time)."""
+        if self.jobs <= 1:
+            return {name: self.run(name, r, start) for name, (r, start) in jobs.items()}
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futs = {name: pool.submit(self.run, name, r, start) for name, (r, start) in jobs.items()}
+            return {name: f.result() for name, f in futs.items()}
 
 
 def curve(out: Path) -> dict:
@@ -344,23 +357,34 @@ def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict
     horizons = {}
     for h in cfg["horizons"]:
         L, tag = int(round(cfg["large_tokens"] * h)), horizon_tag(h)
+        # every run of the horizon is independent once the growths exist: name them all, then run
+        # them (up to runner.jobs at once)
+        jobs = {}
 
-        def sweep(label: str, lrs: list, init_from: str | None = None, train: dict | None = None,
-                  start: str = "") -> dict:
-            return {lr: curve(runner.run(f"{tag}{label}-lr{lr:g}",
-                                         runner.recipe(f"{tag}{label}-lr{lr:g}", {}, L, lr, seed,
-                                                       init_from=init_from, train=train), start))
-                    for lr in lrs}
+        def plan(label: str, lrs: list, init_from: str | None = None, train: dict | None = None,
+                 start: str = "") -> list[str]:
+            names = [f"{tag}{label}-lr{lr:g}" for lr in lrs]
+            for name, lr in zip(names, lrs):
+                jobs[name] = (runner.recipe(name, {}, L, lr, seed, init_from=init_from, train=train), start)
+            return names
 
-        scratch = sweep("scratch", cfg["scratch_lrs"])
+        planned = {"scratch": dict(zip(cfg["scratch_lrs"], plan("scratch", cfg["scratch_lrs"])))}
+        for m in methods:
+            _, lrs, train = split_entry(cfg, m)
+            planned[m] = dict(zip(lrs, plan(m, lrs, str(work / f"grown-{m}"), train, grown[m]["key"])))
+        done = runner.run_all(jobs)
+
+        def sweep(label: str) -> dict:
+            return {lr: curve(done[name]) for lr, name in planned[label].items()}
+
+        scratch = sweep("scratch")
         s_lr, s = pick(scratch)
         rows = {"scratch": {"lr": s_lr, "flops_to_target": s["total_flops"], "wall_to_target_s": s["wall"][-1],
                             "final_val_loss": s["final_val_loss"], "curve": s, "reached": True,
                             "saving_given": 0.0, "saving_end_to_end": 0.0, "sweep": sweep_summary(scratch)}}
         for m in methods:
-            _, lrs, train = split_entry(cfg, m)
             g = grown[m]
-            runs = sweep(m, lrs, str(work / f"grown-{m}"), train, g["key"])
+            runs = sweep(m)
             lr, c = pick(runs)
             row = score_row(c, g["fit_flops"], g["grow_wall_s"], small_c, s)
             row.update(lr=lr, fit_tokens=g["fit_tokens"], fit_loss_first=g["fit_loss_first"],
@@ -537,7 +561,15 @@ def main() -> int:
     p.add_argument("--seeds", default=None,
                    help="comma list of the recipe's seeds to run (results named NAME-seedS...); two "
                         "processes can run two seeds side by side, a later full run reuses their runs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once within a horizon (each its own process: give each a core, "
+                        "e.g. OMP_NUM_THREADS=1 --jobs 2 on two cores)")
+    p.add_argument("--horizons", default=None,
+                   help="comma list of multiples of large_tokens, starting with 1, instead of the recipe's "
+                        "horizons (results named NAME[-seedS]-hH1-H2...)")
     a = p.parse_args()
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs: expected a positive number of runs at once, got {a.jobs}")
     cfg = load_bench(a.recipe, a.quick)
     if a.combine:
         res = combine(a.combine, cfg["name"] + ("-quick" if a.quick else ""))
@@ -549,6 +581,13 @@ def main() -> int:
         if not set(seeds) <= set(cfg["seeds"]):
             raise SystemExit(f"--seeds: {a.seeds} is not a subset of the recipe's seeds {cfg['seeds']}")
         cfg["seeds"], suffix = seeds, "-seed" + "-".join(map(str, seeds))
+    if a.horizons:
+        try:
+            hs = [float(x) for x in a.horizons.split(",")]
+        except ValueError:
+            raise SystemExit(f"--horizons: expected a comma list of numbers, got {a.horizons!r}") from None
+        cfg["horizons"] = check_horizons([int(x) if x.is_integer() else x for x in hs], "--horizons")
+        suffix += "-h" + "-".join(f"{x:g}" for x in hs)
     methods = a.methods.split(",") if a.methods else list(cfg["methods"])
     from dsgrow.growth import ALL_METHODS
 
@@ -569,7 +608,7 @@ def main() -> int:
         work = work_root / f"seed{seed}"
         work.mkdir(parents=True, exist_ok=True)
         print(f"seed {seed}: runs in {work}", flush=True)
-        seeds.append(bench_seed(cfg, Runner(cfg, work, a.ds_config, env), seed, methods))
+        seeds.append(bench_seed(cfg, Runner(cfg, work, a.ds_config, env, jobs=a.jobs), seed, methods))
     res = {"name": name, "date": datetime.date.today().isoformat(), "machine": platform.platform(),
            "cpus": os.cpu_count(), "recipe": cfg, "quick": a.quick, "seeds": seeds, "peak_tflops": a.peak_tflops,
            "wall_s": time.perf_counter() - t0}
