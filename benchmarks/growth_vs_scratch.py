@@ -41,12 +41,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import hashlib
 import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dsgrow.config import parse_count  # noqa: E402
+from runcache import KeyedRuns, key_of  # noqa: E402  (this folder is on sys.path: a script, or the tests)
 
 KNOWN = {"name", "base", "small", "large_tokens", "evals", "lrs", "scratch_lrs", "seeds", "methods", "quick",
          "horizons"}
@@ -106,25 +105,10 @@ def check_horizons(h, where: str) -> list:
     return h
 
 
-def source_hash() -> str:
-    """Hash of the code a run executes (dsgrow's sources and the launcher): a cached run is reused
-    only with the same code."""
-    h = hashlib.sha256()
-    for p in sorted([*(REPO / "dsgrow").rglob("*.py"), *(REPO / "dsgrow").rglob("*.yaml"),
-                     REPO / "launchers" / "pretrain.py"]):
-        h.update(str(p.relative_to(REPO)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def key_of(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-
-class Runner:
+class Runner(KeyedRuns):
     def __init__(self, cfg: dict, work: Path, ds_config: str, env: dict, code: str | None = None, jobs: int = 1):
-        self.cfg, self.work, self.ds_config, self.env, self.jobs = cfg, work, ds_config, env, jobs
-        self.code = source_hash() if code is None else code
+        super().__init__(work, ds_config, env, code)
+        self.cfg, self.jobs = cfg, jobs
 
     def recipe(self, name: str, model: dict, tokens: int, lr: float, seed: int, init_from: str | None = None,
                export: bool = False, train: dict | None = None) -> Path:
@@ -138,29 +122,12 @@ class Runner:
         p.write_text(yaml.safe_dump(r, sort_keys=False))
         return p
 
-    def key(self, recipe: Path, start: str = "") -> str:
-        """What a run's result depends on: its recipe, the key of what it starts from, code, config."""
-        text = yaml.safe_dump(yaml.safe_load(recipe.read_text()), sort_keys=True)  # same settings, same key
-        return key_of(text, start, self.code, Path(self.ds_config).name,
-                      Path(self.ds_config).read_text() if Path(self.ds_config).is_file() else "")
-
     def run(self, name: str, recipe: Path, start: str = "") -> Path:
         """Run `recipe` (or reuse the run of an earlier invocation when its key matches); `start` is
         the key of the weights it starts from (a grown model's growth key)."""
-        out = self.work / name
-        key = self.key(recipe, start)
-        if (out / "summary.json").is_file() and (out / "bench_key").is_file() and (out / "bench_key").read_text() == key:
-            return out
-        if out.exists():
-            shutil.rmtree(out)  # another recipe, start or code, or an interrupted run: run again
-        cmd = [sys.executable, str(REPO / "launchers" / "pretrain.py"), "--ds_config", self.ds_config,
-               "--recipe", str(recipe), "--out", str(out)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        (out / "bench_key").write_text(key)
-        print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        out, secs = self.launch(name, recipe, start)
+        if secs is not None:
+            print(f"  {name}: {secs:.0f} s", flush=True)
         return out
 
     def run_all(self, jobs: dict) -> dict:

@@ -51,6 +51,7 @@ from dsgrow.schedules.flops import flops_per_token  # noqa: E402
 from dsgrow.schedules.lr import lr_schedule  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+from runcache import source_hash  # noqa: E402
 
 VOCAB = 256
 FULL = {"widths": [32, 64, 128, 256], "lrs": [2.0 ** k for k in range(-13, -3)], "steps": 200, "seeds": [1],
@@ -81,20 +82,13 @@ def spec_of(layers: int, hidden: int, heads: int, par: str, base: int, seq: int)
     return ModelSpec("gpt2", layers=layers, hidden=hidden, heads=heads, vocab_size=VOCAB, max_seq_len=seq, **mup)
 
 
-def source_hash() -> str:
-    h = hashlib.sha256()
-    for p in sorted([*(REPO / "dsgrow").rglob("*.py"), Path(__file__).resolve()]):
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 class Runs:
     """Training runs, each cached as one JSON file (and, asked to keep them, its final weights as
     safetensors) keyed by everything that produced it."""
 
     def __init__(self, cfg: dict, work: Path):
         self.cfg, self.work = cfg, work
-        self.code = source_hash()
+        self.code = source_hash(Path(__file__))  # it trains in this process: its own code counts
         self.train, self.val = byte_blocks(cfg["seq"])
         work.mkdir(parents=True, exist_ok=True)
 

@@ -36,14 +36,11 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import hashlib
 import json
 import math
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,7 +51,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dsgrow.config import parse_count  # noqa: E402
-from growth_vs_scratch import merge, read_bench, source_hash  # noqa: E402  (this folder is on sys.path: a script, or the tests)
+from growth_vs_scratch import merge, read_bench  # noqa: E402  (this folder is on sys.path: a script, or the tests)
+from runcache import KeyedRuns  # noqa: E402
 
 KNOWN = {"name", "base", "tokens", "lrs", "tune_seed", "seeds", "scales", "variants", "quick"}
 VARIANT_KEYS = {"schedule", "stages", "grow", "lrs", "tune_only", "train"}
@@ -131,33 +129,16 @@ def recipe_of(cfg: dict, label: str, lr: float, seed: int, scale: float) -> dict
     return r
 
 
-class Runner:
-    def __init__(self, work: Path, ds_config: str, env: dict):
-        self.work, self.ds_config, self.env = work, ds_config, env
-        self.code = source_hash()
-
+class Runner(KeyedRuns):
     def run(self, name: str, recipe: dict) -> dict:
         """Run (or reuse, when the key matches) one recipe; its summary and final train loss."""
-        out = self.work / name
-        text = yaml.safe_dump(recipe, sort_keys=True)
-        key = hashlib.sha256((text + self.code + self.ds_config).encode()).hexdigest()
-        if (out / "summary.json").is_file() and (out / "bench_key").is_file() and (out / "bench_key").read_text() == key:
-            return result(out)
-        if out.exists():
-            shutil.rmtree(out)  # another recipe or code version, or an interrupted run: run again
         self.work.mkdir(parents=True, exist_ok=True)
         rp = self.work / f"{name}.yaml"
-        rp.write_text(text)
-        cmd = [sys.executable, str(REPO / "launchers" / "pretrain.py"), "--ds_config", self.ds_config,
-               "--recipe", str(rp), "--out", str(out)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        (out / "bench_key").write_text(key)
+        rp.write_text(yaml.safe_dump(recipe, sort_keys=True))
+        out, secs = self.launch(name, rp)
         res = result(out)
-        print(f"  {name}: {time.perf_counter() - t0:.0f} s, val {res['val_loss']:.4f}, "
-              f"{res['flops']:.3e} FLOPs", flush=True)
+        if secs is not None:
+            print(f"  {name}: {secs:.0f} s, val {res['val_loss']:.4f}, {res['flops']:.3e} FLOPs", flush=True)
         return res
 
 

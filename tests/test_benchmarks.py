@@ -18,7 +18,7 @@ from conftest import REPO
 def test_growth_vs_scratch_quick(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
     cmd = [sys.executable, str(REPO / "benchmarks" / "growth_vs_scratch.py"), "--quick", "--methods", "ligo,fpi",
-           "--work", str(work), "--out", str(out)]
+           "--work", str(work), "--out", str(out), "--jobs", "2"]  # a horizon's runs two at a time
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # small, then scratch and 2 grown runs at each of the 2 horizons (1x and 1.5x the tokens)
@@ -240,7 +240,7 @@ def test_progressive_reuses_a_run_only_when_recipe_and_code_match(tmp_path, monk
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(prog.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench_module("runcache").subprocess, "run", fake_run)  # the runs progressive keys
     runner = prog.Runner(tmp_path, "ds.json", {})
     recipe = {"train": {"lr": 1e-3}}
     runner.run("a", recipe)
