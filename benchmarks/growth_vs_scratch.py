@@ -291,7 +291,14 @@ def score_row(c: dict, fit_flops: float, grow_wall_s: float, small: dict, scratc
     f_hit = crossing(c["flops"], c["loss"], target)
     w_hit = crossing(c["wall"], c["loss"], target)
     row = {"fit_flops": fit_flops, "grow_wall_s": grow_wall_s, "loss_after_growth": c["loss"][0],
-           "final_val_loss": c["final_val_loss"], "curve": c, "reached": f_hit is not None}
+           "final_val_loss": c["final_val_loss"], "curve": c, "reached": f_hit is not None,
+           # the head start: scratch's FLOPs to the loss the grown model starts at. If growth only
+           # skipped that stretch, its saving would be this over scratch's budget, and would fall as
+           # 1/horizon with a fixed small model; saving / head start above 1 is what training after
+           # growth adds.
+           "head_start_flops": crossing(scratch["flops"], scratch["loss"], c["loss"][0])}
+    if row["head_start_flops"] is not None:
+        row["head_start"] = row["head_start_flops"] / F
     if f_hit is not None:
         row["flops_to_target"] = fit_flops + f_hit
         row["wall_to_target_s"] = grow_wall_s + w_hit
@@ -394,9 +401,9 @@ def table(res: dict, h: str = "1") -> str:
              f"by final train loss of {', '.join(sweep) or picked}; small model: "
              f"{small['total_flops']:.3e} FLOPs, final held-out loss {small['final_val_loss']:.4f}.", "",
              "| method | reached | LR picked | FLOPs to target | saving, small given | saving, end to end | wall to target s "
-             "| wall saving, given | loss at equal FLOPs (given) | final loss | loss right after growth |"
-             + (" MFU |" if peak else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
+             "| wall saving, given | loss at equal FLOPs (given) | final loss | loss right after growth "
+             "| head start (scratch's FLOPs to that loss) |" + (" MFU |" if peak else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
     for m in methods:
         rs = [s["rows"][m] for s in seeds]
 
@@ -421,7 +428,8 @@ def table(res: dict, h: str = "1") -> str:
         lrs = "/".join(format(r["lr"], "g") for r in rs)
         lines.append(f"| {m} | {reached} | {lrs} | {col('flops_to_target', '.3e')} | {col('saving_given', '.1f', True)} "
                      f"| {col('saving_end_to_end', '.1f', True)} | {col('wall_to_target_s', '.0f')} "
-                     f"| {col('wall_saving_given', '.1f', True)} | {eq} | {col('final_val_loss', '.4f')} | {after} |{mfu_col}")
+                     f"| {col('wall_saving_given', '.1f', True)} | {eq} | {col('final_val_loss', '.4f')} | {after} "
+                     f"| {'-' if m == 'scratch' else col('head_start', '.1f', True)} |{mfu_col}")
     return "\n".join(lines)
 
 

@@ -94,8 +94,11 @@ def test_score_row_counts_the_fit_and_the_small_model():
     assert row["wall_to_target_s"] == pytest.approx(1.0 + 3.0) and row["wall_saving_given"] == pytest.approx(0.6)
     assert row["loss_at_equal_flops_given"] == pytest.approx(3.5 - 0.5 * 54.0 / 80.0)  # at 100 - 6 FLOPs
     assert row["loss_at_equal_flops_end_to_end"] == pytest.approx(3.5 - 0.5 * 34.0 / 80.0)  # at 100 - 6 - 20
+    assert row["head_start_flops"] == pytest.approx(50.0)  # scratch reaches the grown start (5.0) at 50
     never = gvs.score_row(dict(grown, loss=[5.0, 4.8, 4.5, 4.2]), 6.0, 1.0, small, scratch)
     assert not never["reached"] and "saving_given" not in never
+    assert gvs.score_row(dict(grown, loss=[6.5, 4.0, 3.5, 3.0]), 6.0, 1.0, small, scratch)["head_start_flops"] \
+        == pytest.approx(25.0)  # between scratch's points: 8.0 at 0, 5.0 at 50
 
 
 def test_per_seed_results_combine_into_one(tmp_path):
