@@ -2,7 +2,8 @@
 """Growth vs scratch: FLOPs and wall time to the scratch run's held-out loss, per growth method.
 
     python benchmarks/growth_vs_scratch.py --recipe benchmarks/recipes/tiny-gpt2.yaml [--quick]
-        [--work DIR] [--methods ligo,stack] [--out benchmarks/results]
+        [--work DIR] [--methods ligo,stack] [--out benchmarks/results] [--seeds 11] [--horizons 1,3]
+        [--jobs 2]
 
 Every run is a real launcher run (launchers/pretrain.py, 1 rank, the given ds_config) on the same
 corpus, tokenizer, data order, held-out split, LR schedule shape and seed:
@@ -28,7 +29,9 @@ Writes growth_vs_scratch-NAME.json, .md (table) and .png (loss vs FLOPs) under -
 
 `horizons: [1, 3, 9]` repeats the large runs (scratch and grown, each with its LR sweep) at those
 multiples of `large_tokens`, each horizon against its own scratch target, and adds a plot of the
-saving against the large model's tokens per parameter (NAME-horizons.png).
+saving against the large model's tokens per parameter (NAME-horizons.png). Each grown row also
+gives its head start: scratch's FLOPs to the loss the grown model starts at (a fixed small model's
+head start is fixed FLOPs, so the saving it alone explains falls as 1/horizon).
 
 A finished run in --work is reused only when its key matches: the full dsgrow recipe it ran, the
 key of what it started from (a grown run: the growth's options, the small run's key), the code
