@@ -29,7 +29,9 @@ Writes growth_vs_scratch-NAME.json, .md (table) and .png (loss vs FLOPs) under -
 
 `horizons: [1, 3, 9]` repeats the large runs (scratch and grown, each with its LR sweep) at those
 multiples of `large_tokens`, each horizon against its own scratch target, and adds a plot of the
-saving against the large model's tokens per parameter (NAME-horizons.png). Each grown row also
+saving against the large model's tokens per parameter (NAME-horizons.png); with
+`small_scales_with_horizon: true` (or --small_scales_with_horizon) the small model is trained h
+times as long at horizon h too (growth timing scaled with the budget; end to end pays for it). Each grown row also
 gives its head start: scratch's FLOPs to the loss the grown model starts at (a fixed small model's
 head start is fixed FLOPs, so the saving it alone explains falls as 1/horizon).
 
@@ -62,7 +64,7 @@ from dsgrow.config import parse_count  # noqa: E402
 from runcache import KeyedRuns, key_of  # noqa: E402  (this folder is on sys.path: a script, or the tests)
 
 KNOWN = {"name", "base", "small", "large_tokens", "evals", "lrs", "scratch_lrs", "seeds", "methods", "quick",
-         "horizons"}
+         "horizons", "small_scales_with_horizon"}
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -98,6 +100,10 @@ def load_bench(path: str, quick: bool) -> dict:
     cfg.setdefault("scratch_lrs", cfg["lrs"])
     cfg.setdefault("seeds", [1234])
     cfg["horizons"] = check_horizons(cfg.get("horizons", [1]), f"{path}: horizons")
+    cfg.setdefault("small_scales_with_horizon", False)
+    if not isinstance(cfg["small_scales_with_horizon"], bool):
+        raise SystemExit(f"{path}: small_scales_with_horizon: expected true or false, "
+                         f"got {cfg['small_scales_with_horizon']!r}")
     return cfg
 
 
@@ -178,7 +184,8 @@ def at(xs: list[float], ys: list[float], x: float):
     return ys[-1]
 
 
-def grow_small(cfg: dict, small_dir: Path, method: str, opts: dict, dest: Path, seed: int, key: str = "") -> dict:
+def grow_small(cfg: dict, small_dir: Path, small_recipe: Path, method: str, opts: dict, dest: Path, seed: int,
+               key: str = "") -> dict:
     """The small model grown by `method` (in this process), saved as an HF dir; returns fit numbers
     and `key`, which names everything the growth depends on (the caller's: the options, the small
     run's key, the code). A saved growth is reused only under the same key.
@@ -204,7 +211,7 @@ def grow_small(cfg: dict, small_dir: Path, method: str, opts: dict, dest: Path, 
     fit_batch = int(opts.pop("fit_batch", 16))
     data = None
     if fit_steps:
-        recipe = load_recipe(str(small_dir.parent.parent / "small.yaml"))  # the small run's data settings
+        recipe = load_recipe(str(small_recipe))  # the small run's data settings
         data = prepare_data(recipe, 0).train  # the training split: the held-out one is never seen
         opts.setdefault("batch_size", fit_batch)
     t0 = time.perf_counter()
@@ -322,18 +329,28 @@ def horizon_tag(h: float) -> str:
 def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict:
     work = runner.work
     sm = cfg["small"]
-    small_recipe = runner.recipe("small", sm["model"], sm["tokens"], sm.get("lr", cfg["lrs"][0]), seed, export=True)
-    small_out = runner.run("small", small_recipe)
-    small_key = (small_out / "bench_key").read_text()
-    small_c = curve(small_out)
-    grown = {}
-    for m in methods:
-        opts, _, _ = split_entry(cfg, m)
-        gkey = key_of(json.dumps(opts, sort_keys=True), m, small_key, runner.code)
-        grown[m] = grow_small(cfg, small_out / "final_model", m, opts, work / f"grown-{m}", seed, gkey)
+
+    def start(h: float) -> tuple[dict, dict, str]:
+        """The small run and its growths a horizon starts from: (small curve, growths by method,
+        the grown folders' prefix). One small model for every horizon, unless
+        `small_scales_with_horizon` (growth timing: the small model trained h times as long)."""
+        tag = horizon_tag(h) if cfg["small_scales_with_horizon"] else ""
+        name = f"{tag}small"
+        small_out = runner.run(name, runner.recipe(name, sm["model"], int(round(sm["tokens"] * (h if tag else 1))),
+                                                   sm.get("lr", cfg["lrs"][0]), seed, export=True))
+        small_key = (small_out / "bench_key").read_text()
+        grown = {}
+        for m in methods:
+            opts, _, _ = split_entry(cfg, m)
+            gkey = key_of(json.dumps(opts, sort_keys=True), m, small_key, runner.code)
+            grown[m] = grow_small(cfg, small_out / "final_model", work / f"{name}.yaml", m, opts,
+                                  work / f"{tag}grown-{m}", seed, gkey)
+        return curve(small_out), grown, tag
+
     horizons = {}
     for h in cfg["horizons"]:
         L, tag = int(round(cfg["large_tokens"] * h)), horizon_tag(h)
+        small_c, grown, gtag = start(h)
         # every run of the horizon is independent once the growths exist: name them all, then run
         # them (up to runner.jobs at once)
         jobs = {}
@@ -348,7 +365,7 @@ def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict
         planned = {"scratch": dict(zip(cfg["scratch_lrs"], plan("scratch", cfg["scratch_lrs"])))}
         for m in methods:
             _, lrs, train = split_entry(cfg, m)
-            planned[m] = dict(zip(lrs, plan(m, lrs, str(work / f"grown-{m}"), train, grown[m]["key"])))
+            planned[m] = dict(zip(lrs, plan(m, lrs, str(work / f"{gtag}grown-{m}"), train, grown[m]["key"])))
         done = runner.run_all(jobs)
 
         def sweep(label: str) -> dict:
@@ -368,11 +385,12 @@ def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict
                        fit_loss_last=g["fit_loss_last"], sweep=sweep_summary(runs))
             rows[m] = row
         horizons[f"{h:g}"] = {"large_tokens": L, "target": s["final_val_loss"], "scratch_flops": s["total_flops"],
-                              "scratch_wall_s": s["wall"][-1], "rows": rows}
+                              "scratch_wall_s": s["wall"][-1], "small": small_c, "rows": rows}
     first = horizons[f"{cfg['horizons'][0]:g}"]
     # the first horizon's numbers stay at the top level, as results made before horizons existed
     return {"seed": seed, "target": first["target"], "scratch_flops": first["scratch_flops"],
-            "scratch_wall_s": first["scratch_wall_s"], "small": small_c, "rows": first["rows"], "horizons": horizons}
+            "scratch_wall_s": first["scratch_wall_s"], "small": first["small"], "rows": first["rows"],
+            "horizons": horizons}
 
 
 def fmt(x, spec: str, none: str = "-") -> str:
@@ -545,6 +563,8 @@ def main() -> int:
     p.add_argument("--horizons", default=None,
                    help="comma list of multiples of large_tokens, starting with 1, instead of the recipe's "
                         "horizons (results named NAME[-seedS]-hH1-H2...)")
+    p.add_argument("--small_scales_with_horizon", action="store_true",
+                   help="train the small model h times as long at horizon h (results named ...-smallxh)")
     a = p.parse_args()
     if a.jobs < 1:
         raise SystemExit(f"--jobs: expected a positive number of runs at once, got {a.jobs}")
@@ -566,6 +586,9 @@ def main() -> int:
             raise SystemExit(f"--horizons: expected a comma list of numbers, got {a.horizons!r}") from None
         cfg["horizons"] = check_horizons([int(x) if x.is_integer() else x for x in hs], "--horizons")
         suffix += "-h" + "-".join(f"{x:g}" for x in hs)
+    if a.small_scales_with_horizon and not cfg["small_scales_with_horizon"]:
+        cfg["small_scales_with_horizon"] = True
+        suffix += "-smallxh"
     methods = a.methods.split(",") if a.methods else list(cfg["methods"])
     from dsgrow.growth import ALL_METHODS
 

@@ -64,6 +64,21 @@ def test_growth_vs_scratch_quick(tmp_path):
                            env=dict(os.environ))
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert sorted(re.findall(r"^  (\S+): \d+ s$", third.stdout, re.M)) == ["fpi-lr0.0015", "h1.5x-fpi-lr0.0015"]
+    # Growth timing scaled with the budget: at 1.5x the small model trains 1.5x as long; only that
+    # small run and the runs grown from it are new, and end to end pays for the longer small run.
+    fourth = subprocess.run(cmd + ["--recipe", str(changed), "--methods", "fpi", "--small_scales_with_horizon"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
+    assert sorted(re.findall(r"^  (\S+): \d+ s$", fourth.stdout, re.M)) == ["h1.5x-fpi-lr0.0015", "h1.5x-small"]
+    res = json.loads((out / "growth_vs_scratch-tiny-gpt2-quick-smallxh.json").read_text())
+    h1, h15 = res["seeds"][0]["horizons"]["1"], res["seeds"][0]["horizons"]["1.5"]
+    assert h15["small"]["total_flops"] == pytest.approx(1.5 * h1["small"]["total_flops"], rel=0.05)
+    fpi = h15["rows"]["fpi"]  # function preserving: starts at the longer small model's loss
+    assert fpi["loss_after_growth"] == pytest.approx(h15["small"]["final_val_loss"], abs=1e-4)
+    assert fpi["loss_after_growth"] < h1["rows"]["fpi"]["loss_after_growth"]
+    if fpi["reached"]:
+        assert fpi["saving_end_to_end"] == pytest.approx(
+            1 - (h15["small"]["total_flops"] + fpi["flops_to_target"]) / h15["scratch_flops"])
 
 
 def test_crossing_and_interpolation_helpers():
