@@ -365,7 +365,10 @@ def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict
         planned = {"scratch": dict(zip(cfg["scratch_lrs"], plan("scratch", cfg["scratch_lrs"])))}
         for m in methods:
             _, lrs, train = split_entry(cfg, m)
-            planned[m] = dict(zip(lrs, plan(m, lrs, str(work / f"{gtag}grown-{m}"), train, grown[m]["key"])))
+            # grown from a horizon's own small model: its own run names, so the runs grown from the
+            # shared small model stay
+            label = f"smallxh-{m}" if gtag else m
+            planned[m] = dict(zip(lrs, plan(label, lrs, str(work / f"{gtag}grown-{m}"), train, grown[m]["key"])))
         done = runner.run_all(jobs)
 
         def sweep(label: str) -> dict:

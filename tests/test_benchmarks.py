@@ -69,7 +69,7 @@ def test_growth_vs_scratch_quick(tmp_path):
     fourth = subprocess.run(cmd + ["--recipe", str(changed), "--methods", "fpi", "--small_scales_with_horizon"],
                             cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
-    assert sorted(re.findall(r"^  (\S+): \d+ s$", fourth.stdout, re.M)) == ["h1.5x-fpi-lr0.0015", "h1.5x-small"]
+    assert sorted(re.findall(r"^  (\S+): \d+ s$", fourth.stdout, re.M)) == ["h1.5x-small", "h1.5x-smallxh-fpi-lr0.0015"]
     res = json.loads((out / "growth_vs_scratch-tiny-gpt2-quick-smallxh.json").read_text())
     h1, h15 = res["seeds"][0]["horizons"]["1"], res["seeds"][0]["horizons"]["1.5"]
     assert h15["small"]["total_flops"] == pytest.approx(1.5 * h1["small"]["total_flops"], rel=0.05)
@@ -79,6 +79,10 @@ def test_growth_vs_scratch_quick(tmp_path):
     if fpi["reached"]:
         assert fpi["saving_end_to_end"] == pytest.approx(
             1 - (h15["small"]["total_flops"] + fpi["flops_to_target"]) / h15["scratch_flops"])
+    # ... and the runs grown from the shared small model are still there: nothing trains again.
+    fifth = subprocess.run(cmd + ["--recipe", str(changed)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ))
+    assert fifth.returncode == 0 and not re.search(r"^  \S+: \d+ s$", fifth.stdout, re.M), fifth.stdout[-3000:]
 
 
 def test_crossing_and_interpolation_helpers():
