@@ -31,9 +31,10 @@ Writes growth_vs_scratch-NAME.json, .md (table) and .png (loss vs FLOPs) under -
 multiples of `large_tokens`, each horizon against its own scratch target, and adds a plot of the
 saving against the large model's tokens per parameter (NAME-horizons.png); with
 `small_scales_with_horizon: true` (or --small_scales_with_horizon) the small model is trained h
-times as long at horizon h too (growth timing scaled with the budget; end to end pays for it). Each grown row also
-gives its head start: scratch's FLOPs to the loss the grown model starts at (a fixed small model's
-head start is fixed FLOPs, so the saving it alone explains falls as 1/horizon).
+times as long at horizon h too (growth timing scaled with the budget; end to end pays for it).
+Each grown row also gives its head start: scratch's FLOPs to the loss the grown model starts at (a
+fixed small model's head start is fixed FLOPs, so the saving it alone explains falls as
+1/horizon).
 
 A finished run in --work is reused only when its key matches: the full dsgrow recipe it ran, the
 key of what it started from (a grown run: the growth's options, the small run's key), the code
@@ -330,7 +331,7 @@ def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict
     work = runner.work
     sm = cfg["small"]
 
-    def start(h: float) -> tuple[dict, dict, str]:
+    def growths_for(h: float) -> tuple[dict, dict, str]:
         """The small run and its growths a horizon starts from: (small curve, growths by method,
         the grown folders' prefix). One small model for every horizon, unless
         `small_scales_with_horizon` (growth timing: the small model trained h times as long)."""
@@ -350,7 +351,7 @@ def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict
     horizons = {}
     for h in cfg["horizons"]:
         L, tag = int(round(cfg["large_tokens"] * h)), horizon_tag(h)
-        small_c, grown, gtag = start(h)
+        small_c, grown, gtag = growths_for(h)
         # every run of the horizon is independent once the growths exist: name them all, then run
         # them (up to runner.jobs at once)
         jobs = {}
