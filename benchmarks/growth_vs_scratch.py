@@ -331,11 +331,18 @@ def bench_seed(cfg: dict, runner: Runner, seed: int, methods: list[str]) -> dict
     work = runner.work
     sm = cfg["small"]
 
+    made = {}  # tag -> what growths_for returned: horizons sharing a small model look it up once
+
     def growths_for(h: float) -> tuple[dict, dict, str]:
         """The small run and its growths a horizon starts from: (small curve, growths by method,
         the grown folders' prefix). One small model for every horizon, unless
         `small_scales_with_horizon` (growth timing: the small model trained h times as long)."""
         tag = horizon_tag(h) if cfg["small_scales_with_horizon"] else ""
+        if tag not in made:
+            made[tag] = small_and_growths(tag, h)
+        return made[tag]
+
+    def small_and_growths(tag: str, h: float) -> tuple[dict, dict, str]:
         name = f"{tag}small"
         small_out = runner.run(name, runner.recipe(name, sm["model"], int(round(sm["tokens"] * (h if tag else 1))),
                                                    sm.get("lr", cfg["lrs"][0]), seed, export=True))
