@@ -109,9 +109,11 @@ def load_bench(path: str, quick: bool) -> dict:
 
 
 def check_horizons(h, where: str) -> list:
-    if not isinstance(h, list) or not h or not all(isinstance(x, (int, float)) and x > 0 for x in h) or h[0] != 1:
-        raise SystemExit(f"{where}: expected a list of positive multiples of large_tokens starting "
-                         f"with 1, got {h!r}")
+    # any ascending horizons: a study of one long horizon (--horizons 3) need not pay for 1x again;
+    # the first one listed is the result's top level
+    ok = isinstance(h, list) and h and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in h)
+    if not ok or any(b <= a for a, b in zip(h, h[1:])):
+        raise SystemExit(f"{where}: expected an ascending list of positive multiples of large_tokens, got {h!r}")
     return h
 
 
@@ -572,8 +574,8 @@ def main() -> int:
                    help="training runs at once within a horizon (each its own process: give each a core, "
                         "e.g. OMP_NUM_THREADS=1 --jobs 2 on two cores)")
     p.add_argument("--horizons", default=None,
-                   help="comma list of multiples of large_tokens, starting with 1, instead of the recipe's "
-                        "horizons (results named NAME[-seedS]-hH1-H2...)")
+                   help="ascending comma list of multiples of large_tokens (3 alone: one long horizon) instead "
+                        "of the recipe's horizons (results named NAME[-seedS]-hH1-H2...)")
     p.add_argument("--small_scales_with_horizon", action="store_true",
                    help="train the small model h times as long at horizon h (results named ...-smallxh)")
     a = p.parse_args()

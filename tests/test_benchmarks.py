@@ -85,6 +85,17 @@ def test_growth_vs_scratch_quick(tmp_path):
     assert fifth.returncode == 0 and not re.search(r"^  \S+: \d+ s$", fifth.stdout, re.M), fifth.stdout[-3000:]
 
 
+def test_horizons_are_any_ascending_positive_multiples():
+    """A study of one long horizon (--horizons 3) is allowed; unordered, repeated, empty or
+    non-positive horizons are refused before any run."""
+    gvs = growth_vs_scratch()
+    assert gvs.check_horizons([3], "h") == [3] and gvs.check_horizons([1, 3, 9], "h") == [1, 3, 9]
+    assert gvs.check_horizons([0.5, 1.5], "h") == [0.5, 1.5]
+    for bad in ([], [3, 1], [1, 1], [0, 1], [-1], ["3"], [True], 3):
+        with pytest.raises(SystemExit, match="ascending list of positive multiples"):
+            gvs.check_horizons(bad, "h")
+
+
 def test_crossing_and_interpolation_helpers():
     gvs = growth_vs_scratch()
     xs, ys = [0.0, 10.0, 20.0, 30.0], [5.0, 4.0, 3.0, 2.5]
