@@ -111,7 +111,8 @@ def load_bench(path: str, quick: bool) -> dict:
 def check_horizons(h, where: str) -> list:
     # any ascending horizons: a study of one long horizon (--horizons 3) need not pay for 1x again;
     # the first one listed is the result's top level
-    ok = isinstance(h, list) and h and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in h)
+    ok = isinstance(h, list) and h and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                                           for x in h)
     if not ok or any(b <= a for a, b in zip(h, h[1:])):
         raise SystemExit(f"{where}: expected an ascending list of positive multiples of large_tokens, got {h!r}")
     return h
