@@ -181,6 +181,22 @@ def test_every_benchmark_recipe_is_valid(tmp_path, name, quick):
     assert not any(tmp_path.iterdir())  # the check leaves nothing behind
 
 
+FAIR_RECIPES = sorted(p.stem for p in (REPO / "benchmarks" / "recipes").glob("*-fair.yaml"))
+
+
+@pytest.mark.parametrize("name", FAIR_RECIPES)
+def test_fair_recipes_run_every_copy_based_baseline_in_its_paper_form(name):
+    """A fair comparison's recipe must not drop a baseline or run one in a weaker form than its
+    paper's: every method of PAPER_FORMS is there with at least its paper's options."""
+    from dsgrow.growth import PAPER_FORMS
+
+    methods = yaml.safe_load((REPO / "benchmarks" / "recipes" / f"{name}.yaml").read_text())["methods"]
+    for method, form in PAPER_FORMS.items():
+        rows = [m for m in methods.values() if m.get("method") == method
+                and all(m.get(k) == v for k, v in form.items())]
+        assert rows, f"{name}: no {method} run in its paper form {form}"
+
+
 def test_a_method_that_cannot_grow_the_pair_fails_before_training(tmp_path):
     recipe = (REPO / "benchmarks" / "recipes" / "tiny-gpt2.yaml").read_text()
     bad = tmp_path / "bad.yaml"
