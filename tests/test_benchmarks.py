@@ -187,7 +187,7 @@ FAIR_RECIPES = sorted(p.stem for p in (REPO / "benchmarks" / "recipes").glob("*-
 @pytest.mark.parametrize("name", FAIR_RECIPES)
 def test_fair_recipes_run_every_copy_based_baseline_in_its_paper_form(name):
     """A fair comparison's recipe must not drop a baseline or run one in a weaker form than its
-    paper's: every method of PAPER_FORMS is there with at least its paper's options."""
+    paper's: every method of PAPER_FORMS is there with its paper's options (e.g. the same noise)."""
     from dsgrow.growth import PAPER_FORMS
 
     methods = yaml.safe_load((REPO / "benchmarks" / "recipes" / f"{name}.yaml").read_text())["methods"]
