@@ -13,7 +13,12 @@ import sys
 # Run from a source checkout without installing: put the repository root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dsgrow.engine.runtime import end_distributed  # noqa: E402
 from dsgrow.launch import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # This process is ours and about to exit: leave the group now, not in interpreter teardown (see
+    # end_distributed); after a failure a peer may be gone, so no barrier then.
+    end_distributed(wait=code == 0)
+    sys.exit(code)

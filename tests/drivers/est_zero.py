@@ -17,7 +17,7 @@ import torch
 import torch.distributed as tdist
 
 import dsgrow
-from dsgrow.engine.runtime import gather_fp32_state_dict, init_distributed, param_groups
+from dsgrow.engine.runtime import end_distributed, gather_fp32_state_dict, init_distributed, param_groups
 from dsgrow.families.hf_io import build_hf_model
 from dsgrow.families.spec import ModelSpec
 
@@ -128,3 +128,4 @@ if rank == 0:
         results[key]["worst"] = max(ref, key=lambda n: (st[n].float() - ref[n].float()).abs().max().item())
     with open(out_path, "w") as f:
         json.dump(results, f)
+end_distributed()  # not left to interpreter teardown, which sometimes aborts a finished rank

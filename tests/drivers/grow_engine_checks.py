@@ -17,7 +17,7 @@ import transformers
 import dsgrow
 from dsgrow.engine.optim_state import base_optimizer
 from dsgrow.engine.rebuild import _original_groups
-from dsgrow.engine.runtime import gather_fp32_state_dict, init_distributed
+from dsgrow.engine.runtime import end_distributed, gather_fp32_state_dict, init_distributed
 from dsgrow.growth import GrowthError
 
 out_path, stage = sys.argv[1], int(sys.argv[2])
@@ -202,3 +202,4 @@ if rank == 0:
         json.dump({"errors": errors, "untouched": untouched, "still_trains": still_trains,
                    "user_grown": user_grown, "config_grown": config_grown, "families": families,
                    "offload": offload}, f, indent=1)
+end_distributed()  # not left to interpreter teardown, which sometimes aborts a finished rank
