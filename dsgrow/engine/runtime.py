@@ -71,9 +71,10 @@ def end_distributed(wait: bool = True) -> None:
     (launchers/pretrain.py, a test driver). Left to interpreter teardown, the gloo group's destructor
     runs during finalisation and sometimes aborts a rank after all its work is done ("terminate
     called without an active exception", SIGABRT: 3 of 28 runs of tests/drivers/est_zero.py on a
-    2-core CPU, torch 2.13; 0 of 50 with this call at its end), and the job reports failure. `wait`: a barrier first, so no rank leaves
-    while a peer still talks to it (gloo aborts that peer otherwise); pass False after a failure,
-    where a peer may be gone and the barrier would wait for it until the group's timeout."""
+    2-core CPU, torch 2.13; 0 of 50 with this call at its end), and the job reports failure.
+
+    `wait`: a barrier first, so no rank leaves while a peer still talks to it; pass False after a
+    failure, where a peer may be gone and the barrier would wait for it until the group's timeout."""
     if dist.is_available() and dist.is_initialized():
         if wait and dist.get_world_size() > 1:
             dist.barrier()
