@@ -460,6 +460,15 @@ def test_layer_stream_is_bitwise_the_materialised_model(family, extra):
     for n in names:
         assert torch.equal(stream(n), ref[n]), n
     assert stream.layers_made == large.layers  # in the model's order each layer is made once
+    if family != "bert":  # a fitted-like copy init with FPI's noise (LiGO's symmetry_noise) too
+        op = LiGO(spec, small, large, init="fpi", symmetry_noise=0.2)
+        with torch.no_grad():
+            for p in op.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+            ref, stream = from_canonical(large, op.materialize()), ligo_stream(op)
+            plain = from_canonical(large, op())
+        assert all(torch.equal(stream(n), ref[n]) for n in names)
+        assert sum(not torch.equal(ref[n], plain[n]) for n in names) >= 4 * large.layers  # every reader is noisy
     fpi = REGISTRY["fpi"].build(spec, small, large)  # the whole dict in one go
     ref, stream = from_canonical(large, fpi), canonical_stream(large, fpi)
     assert all(torch.equal(stream(n), ref[n]) for n in names)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsgrow.families import ModelSpec, build_hf_model, from_canonical, logits, to_canonical
-from dsgrow.growth import PAPER_FORMS, grow_canonical, resolve_target
+from dsgrow.growth import PAPER_FORMS, GrowthError, grow_canonical, resolve_target
 from dsgrow.growth.net2net import fpi_maps
 from test_families import random_model
 
@@ -99,3 +99,49 @@ def test_paper_form_noise_keeps_the_function(method):
     # noise too, scaled from the layer they copy, or their MLP twins would never separate
     for key in ("layers.0.down.weight", "layers.1.down.weight", "layers.1.o.weight"):
         assert float((noisy[key] - plain[key]).abs().max()) > 1e-3, key
+
+
+def fitted_ligo(small, c, **opts):
+    """LiGO grown with its width as copies (init fpi) and 3 fit steps on random tokens."""
+    data = torch.randint(0, V, (16, P), generator=torch.Generator().manual_seed(2))
+    return grow_canonical(small, c, TARGET, "ligo", data=data, fit_steps=3, init="fpi", lr=1e-2, batch_size=4,
+                          **opts)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_ligo_copy_init_stays_a_copy_through_the_fit_until_symmetry_noise_breaks_it(name):
+    """Fitting a copy init keeps every twin equal (swapping twins is a symmetry of the loss), so the
+    fitted model needs FPI's noise: with `symmetry_noise` it computes the same function (fp32
+    rounding), its twins differ in the weights, and after training they have grown apart."""
+    small = SMALL[name]
+    c = to_canonical(small, random_model(small, 0).state_dict())
+    large = resolve_target(small, TARGET)
+    plain, noisy = fitted_ligo(small, c), fitted_ligo(small, c, symmetry_noise=0.2)
+    moved = grow_canonical(small, c, TARGET, "ligo", init="fpi")
+    assert max(float((plain[k] - moved[k]).abs().max()) for k in plain) > 1e-3  # the fit did move the model
+    assert max(twin_gaps(small, large, plain).values()) < 1e-6  # ... and kept the copies
+    ids = torch.randint(0, V, (2, P), generator=torch.Generator().manual_seed(3))
+    assert float((logits(large, noisy, ids) - logits(large, plain, ids)).abs().max()) < 1e-4
+    for key in ("layers.0.q.weight", "layers.1.down.weight", "layers.3.o.weight"):
+        assert float((noisy[key] - plain[key]).abs().max()) > 1e-3, key
+    _, after = train_a_few_steps(small, "ligo", {"init": "fpi", "symmetry_noise": 0.2})
+    assert min(twin_gaps(small, large, after).values()) > 1e-5
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_ligo_copy_init_with_symmetry_noise_and_no_fit_is_fpi_with_noise(name):
+    """The noise is FPI's, scaled by the same tensors: no fit steps gives FPI with noise exactly."""
+    small = SMALL[name]
+    c = to_canonical(small, random_model(small, 0).state_dict())
+    a = grow_canonical(small, c, TARGET, "ligo", init="fpi", symmetry_noise=0.2)
+    b = grow_canonical(small, c, TARGET, "fpi", noise=0.2)
+    assert max(float((a[k] - b[k]).abs().max()) for k in b) < 1e-6
+
+
+def test_symmetry_noise_needs_a_copy_init():
+    small = SMALL["gpt2"]
+    c = to_canonical(small, random_model(small, 0).state_dict())
+    with pytest.raises(GrowthError, match="symmetry_noise needs a copy init"):
+        grow_canonical(small, c, TARGET, "ligo", symmetry_noise=0.2)
+    with pytest.raises(GrowthError, match="symmetry_noise must be a number >= 0"):
+        grow_canonical(small, c, TARGET, "ligo", init="fpi", symmetry_noise=-1)

@@ -11,7 +11,8 @@ CARDS = {
         "(AdamW, ~100 steps on the LM loss), then it is applied once and discarded. Inits: stack_noisy "
         "(official default, not function preserving), net2net (not function preserving), fpi "
         "(pinv tying; function preserving exactly where fpi is); depth_init takes another init's depth "
-        "start (depth_init: fpi, a learned width map over FPI's depth plan)."),
+        "start (depth_init: fpi, a learned width map over FPI's depth plan); symmetry_noise (copy inits) "
+        "adds FPI's zero-sum noise to the fitted model, whose copies the fit keeps equal."),
     "fpi": (
         "FPI - bert2BERT (Chen et al., ACL 2022), after Net2Net (Chen et al., ICLR 2016). New units copy "
         "old ones, readers divide by the copy count; depth by identity layers (default), stacking, "

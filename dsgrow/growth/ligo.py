@@ -39,6 +39,15 @@ Inits (``init``):
   wherever FPI is: any depth and any MLP/head growth, integer residual multiples (all families),
   exact up to LayerNorm eps for new BERT layers.
 
+``symmetry_noise`` (default 0; init "fpi" or "net2net" only) breaks the copies' symmetry after the
+fit, as FPI with noise does (growth/symmetry.py). A copy init stays a copy through the fit: twin
+units start equal, and swapping them is a symmetry of the loss, so their map rows get equal
+gradients and stay equal under Adam. The fitted model then trains as the small width while
+paying the large one's FLOPs, like unbroken FPI. So the materialised (never the fitted) model gets
+the zero-sum noise over the init's copies: exact in function, each tensor's noise scaled by the
+std of the widened small tensor its large layer copies (the depth plan's source; what FPI uses),
+so with 0 fit steps ``init="fpi", symmetry_noise=s`` is FPI with noise s exactly.
+
 ``depth_init`` (default: the init's own) starts the depth matrices from another init's depth part
 while the width maps keep ``init``'s: ``init="stack_noisy", depth_init="fpi"`` is a learned width map
 over FPI's depth plan (new layers start as copies whose residual writers are off). Only the
@@ -60,6 +69,7 @@ from .depth import identity_plan
 from .ops import (LAYER_ROLES, DenseMap, GrowthError, add_identity, apply_roles, check_growth, convex_rows,
                   join_layers, mix_one_layer, mix_one_tensor, o_axis, selection_maps, split_layers, widen_global,
                   widen_layer)
+from .symmetry import break_symmetry
 
 INITS = ("stack_noisy", "net2net", "fpi")
 
@@ -74,9 +84,9 @@ class LiGO(nn.Module):
 
     def __init__(self, small: ModelSpec, canonical: dict, large: ModelSpec, init: str = "stack_noisy",
                  tying: Optional[str] = None, noise: float = 0.03, seed: int = 0,
-                 depth_init: Optional[str] = None):
+                 depth_init: Optional[str] = None, symmetry_noise: float = 0.0):
         super().__init__()
-        check_ligo(small, large, init, tying, depth_init)
+        check_ligo(small, large, init, tying, depth_init, symmetry_noise)
         depth_init = depth_init or init
         self.small, self.large, self.init = small, large, init
         self.tying = tying or ("pinv" if init == "fpi" else "paper")
@@ -95,6 +105,8 @@ class LiGO(nn.Module):
 
         L1, L2 = small.layers, large.layers
         g = torch.Generator().manual_seed(seed)
+        self.seed, self.symmetry_noise = int(seed), float(symmetry_noise)
+        self.copy_maps = None
         sizes = {"res": (large.hidden, small.hidden), "q": (large.heads, small.heads),
                  "k": (large.n_kv_heads, small.n_kv_heads), "v": (large.n_kv_heads, small.n_kv_heads),
                  "ffn": (large.ffn_dim, small.ffn_dim)}
@@ -103,6 +115,7 @@ class LiGO(nn.Module):
                 return nn.Parameter(convex_rows(*sizes[axis], g))
         else:  # one copy map for every layer
             sel = selection_maps(small, large, "random" if init == "net2net" else "even", g)
+            self.copy_maps = sel  # the copies symmetry_noise tells apart
 
             def width(axis):
                 return nn.Parameter(sel[axis].matrix())
@@ -116,6 +129,7 @@ class LiGO(nn.Module):
         onehot[torch.arange(L2), torch.arange(L2) % L1] = 1.0
         depth: dict = {}
         ident = None
+        self.source = [l % L1 for l in range(L2)]  # the small layer each large layer starts from
         if depth_init == "stack_noisy":
             for s in self.layer_names:
                 w = onehot + noise * torch.rand(L2, L1, generator=g)
@@ -123,7 +137,9 @@ class LiGO(nn.Module):
         elif depth_init == "net2net":
             depth = {s: onehot.clone() for s in self.layer_names}
         else:
-            depth, ident = identity_plan(L1, L2, self.post_ln).matrices(self.layer_names, L1, self.post_ln)
+            plan = identity_plan(L1, L2, self.post_ln)
+            self.source = list(plan.src)
+            depth, ident = plan.matrices(self.layer_names, L1, self.post_ln)
             depth = {s: w.float() for s, w in depth.items()}
         self.depth = nn.ParameterDict({_pname(s): nn.Parameter(w) for s, w in depth.items()})
         if self.post_ln:
@@ -183,6 +199,19 @@ class LiGO(nn.Module):
                  for s in self.layer_names}
         return add_identity(layer, ident, l)
 
+    def broken(self, key: str, t: torch.Tensor, res: Optional[DenseMap] = None) -> torch.Tensor:
+        """Large tensor `key` with `symmetry_noise` (see the module doc); unchanged without it.
+        Applied to the model written out, never inside the fit."""
+        if not self.symmetry_noise:
+            return t
+        ref = None
+        if key.startswith("layers."):
+            l, s = key.split(".", 2)[1:]
+            j = self.source[int(l)]
+            ref = apply_roles(self.small_layer(j)[s], LAYER_ROLES[s], self.layer_maps(j, res or self.res_map()),
+                              self.head_tied)
+        return break_symmetry(key, t, self.copy_maps, self.symmetry_noise, self.seed, ref=ref)
+
     def forward(self) -> dict:
         """The whole large canonical dict."""
         res = self.res_map()
@@ -194,20 +223,26 @@ class LiGO(nn.Module):
     def materialize(self) -> dict:
         """Detached large canonical dict (fresh tensors): the operator is applied once and can be
         discarded."""
-        return {k: t.contiguous() for k, t in self().items()}
+        res = self.res_map()
+        return {k: self.broken(k, t, res).contiguous() for k, t in self().items()}
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
 def check_ligo(small: ModelSpec, large: ModelSpec, init: str = "stack_noisy", tying: Optional[str] = None,
-               depth_init: Optional[str] = None) -> None:
+               depth_init: Optional[str] = None, symmetry_noise: float = 0.0) -> None:
     if init not in INITS:
         raise GrowthError(f"ligo: init must be one of {', '.join(INITS)}, got {init!r}")
     if depth_init is not None and depth_init not in INITS:
         raise GrowthError(f"ligo: depth_init must be one of {', '.join(INITS)}, got {depth_init!r}")
     if tying not in (None, "paper", "pinv"):
         raise GrowthError(f"ligo: tying must be 'paper' or 'pinv', got {tying!r}")
+    if isinstance(symmetry_noise, bool) or not isinstance(symmetry_noise, (int, float)) or not symmetry_noise >= 0:
+        raise GrowthError(f"ligo: symmetry_noise must be a number >= 0, got {symmetry_noise!r}")
+    if symmetry_noise and init == "stack_noisy":
+        raise GrowthError("ligo: symmetry_noise needs a copy init (init fpi or net2net); "
+                          "init stack_noisy has no copies to tell apart")
     check_growth(small, large, "ligo" if init == "stack_noisy" else f"ligo init={init}",
                  copy_heads=init != "stack_noisy")
 

@@ -156,7 +156,8 @@ def _fixed(name: str, fn: Callable, layerwise: Optional[Callable] = None, intege
 
 
 # -- LiGO: a learned operator, fitted on data, then applied one large layer at a time -------------
-LIGO_OPTIONS = {"init": "stack_noisy", "tying": None, "noise": 0.03, "seed": 0, "depth_init": None}
+LIGO_OPTIONS = {"init": "stack_noisy", "tying": None, "noise": 0.03, "seed": 0, "depth_init": None,
+                "symmetry_noise": 0.0}
 
 
 def split_ligo_options(opts: dict) -> tuple[dict, dict]:
@@ -167,7 +168,8 @@ def split_ligo_options(opts: dict) -> tuple[dict, dict]:
 
 def _ligo_check(small: ModelSpec, large: ModelSpec, opts: dict) -> None:
     own, fit = split_ligo_options(opts)
-    check_ligo(small, large, own.get("init", "stack_noisy"), own.get("tying"), own.get("depth_init"))
+    check_ligo(small, large, own.get("init", "stack_noisy"), own.get("tying"), own.get("depth_init"),
+               own.get("symmetry_noise", 0.0))
     check_fit_options(small, **fit)
 
 

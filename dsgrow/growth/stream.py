@@ -97,11 +97,12 @@ def ligo_stream(op) -> LayerStream:
     """The large model a fitted LiGO operator makes, one large layer at a time."""
     with torch.no_grad():
         res = op.res_map()
-        glob = {k: t.detach() for k, t in op.global_weights(res).items()}
+        glob = {k: op.broken(k, t.detach(), res) for k, t in op.global_weights(res).items()}
 
     def make(i: int) -> dict:
         with torch.no_grad():
-            return _contiguous(op.streamed_layer(i, res))
+            layer = op.streamed_layer(i, res)
+            return _contiguous({s: op.broken(f"layers.{i}.{s}", t, res) for s, t in layer.items()})
 
     return LayerStream(op.large, glob, make)
 

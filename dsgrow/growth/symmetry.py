@@ -37,7 +37,7 @@ def zero_sum_noise(t: torch.Tensor, dim: int, groups: torch.Tensor, n_groups: in
     mean = torch.zeros((n_groups,) + x.shape[1:], dtype=torch.float64).index_add_(0, groups, x)
     count = torch.bincount(groups, minlength=n_groups).to(torch.float64).reshape((-1,) + (1,) * (x.dim() - 1))
     x = x - (mean / count)[groups]
-    return t + (scale * x.movedim(0, dim)).to(t.dtype)
+    return t + (scale * x.movedim(0, dim)).to(device=t.device, dtype=t.dtype)  # a fitted LiGO may be on a GPU
 
 
 def _std(t: torch.Tensor) -> float:
@@ -45,10 +45,11 @@ def _std(t: torch.Tensor) -> float:
 
 
 def break_symmetry(key: str, t: torch.Tensor, maps: dict, noise: float, seed: int,
-                   fallback: torch.Tensor | None = None) -> torch.Tensor:
+                   fallback: torch.Tensor | None = None, ref: torch.Tensor | None = None) -> torch.Tensor:
     """Canonical tensor `key` with zero-sum noise over the copies of every axis it reads.
 
-    `fallback` gives the scale where `t` itself is all zeros (an identity layer's writer)."""
+    `fallback` gives the scale where `t` itself is all zeros (an identity layer's writer); `ref`,
+    when given, always gives it (a fitted LiGO scales by the copied source tensor, see ligo.py)."""
     if not noise:
         return t
     roles = LAYER_ROLES[key.split(".", 2)[2]] if key.startswith("layers.") else GLOBAL_ROLES[key]
@@ -59,7 +60,10 @@ def break_symmetry(key: str, t: torch.Tensor, maps: dict, noise: float, seed: in
         m = maps[role[0]]
         if int(m.counts.max()) < 2:
             continue  # nothing copied on this axis
-        std = _std(t) or (_std(fallback) if fallback is not None else 0.0)
+        if ref is not None:
+            std = _std(ref)
+        else:
+            std = _std(t) or (_std(fallback) if fallback is not None else 0.0)
         t = zero_sum_noise(t, dim, m.rows(), m.n1 * m.unit, noise * std, g)
     return t
 
