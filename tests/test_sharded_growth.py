@@ -20,15 +20,15 @@ def staged(method: str = "ligo", fit_steps: int = 3, s0: int = 8192, s1: int = 1
     return tiny(s0 + s1, "train.tokens=null", f"stages={stages}", *more)
 
 
-def one_process_build(out, method: str):
-    """What the same operator makes of the same small weights in this one process."""
+def one_process_build(out, method: str, **opts):
+    """What the same operator (with `opts`) makes of the same small weights in this one process."""
     from dsgrow.families import from_canonical, load_hf_dir
     from dsgrow.growth import LiGO, grow_canonical, resolve_target
 
     spec_s, small = load_hf_dir(out / "stages" / "stage0-final")
     spec_l = resolve_target(spec_s, {"layers": 4, "hidden": 128})
     if method == "ligo":
-        op = LiGO(spec_s, small, spec_l)
+        op = LiGO(spec_s, small, spec_l, **opts)
         op.load_state_dict(load_file(str(out / "stages" / "stage1-ligo.safetensors")))
         with torch.no_grad():
             large = op.materialize()
@@ -63,6 +63,20 @@ def test_sharded_growth_equals_one_process_build_and_trains_on(tmp_path, stage):
         assert 0.4 < s["local_param_fraction"] < 0.6  # the large model is really partitioned
     # The small model's final checkpoint is kept for good.
     assert (out / "checkpoints" / "stage0-end" / "run_state.json").is_file()
+
+
+def test_sharded_copy_init_ligo_writes_its_symmetry_noise_under_zero3(tmp_path):
+    """LiGO over FPI's copies with `symmetry_noise`, fitted and written by 2 ranks into a ZeRO-3
+    engine: every rank makes the same noise, so the shards hold what one process makes, and the
+    noise is really there (the fitted map without it differs)."""
+    out = tmp_path / "run"
+    run_launcher(["--ds_config", zero3_config(tmp_path), "--out", str(out),
+                  *staged("ligo", 3, 8192, 16384, ", init: fpi, symmetry_noise: 0.2")], nproc=2)
+    grown = load_file(str(out / "stages" / "stage1-grown" / "model.safetensors"))
+    ref = one_process_build(out, "ligo", init="fpi", symmetry_noise=0.2)
+    plain = one_process_build(out, "ligo", init="fpi")
+    assert max((grown[k] - ref[k]).abs().max().item() for k in grown) <= 1e-6
+    assert max((grown[k] - plain[k]).abs().max().item() for k in grown) > 1e-3
 
 
 def test_function_preserving_growth_keeps_the_loss_across_the_boundary(tmp_path):
