@@ -145,3 +145,26 @@ def test_symmetry_noise_needs_a_copy_init():
         grow_canonical(small, c, TARGET, "ligo", symmetry_noise=0.2)
     with pytest.raises(GrowthError, match="symmetry_noise must be a number >= 0"):
         grow_canonical(small, c, TARGET, "ligo", init="fpi", symmetry_noise=-1)
+
+
+def test_ligo_symmetry_noise_builds_a_source_layers_maps_once_per_large_layer():
+    """Making a noisy large layer (materialise or stream) builds its source layer's maps once for
+    the noise, not once per tensor (with pinv tying each build is a solve). The streamed layer itself
+    needs one build per small layer; the noise adds exactly one."""
+    from dsgrow.growth import LiGO
+    from dsgrow.growth.stream import ligo_stream
+
+    small = SMALL["llama-gqa"]
+    c = to_canonical(small, random_model(small, 0).state_dict())
+    large = resolve_target(small, TARGET)
+    op = LiGO(small, c, large, init="fpi", symmetry_noise=0.2, tying="pinv")
+    built, layer_maps = [], op.layer_maps
+    op.layer_maps = lambda j, res: built.append(j) or layer_maps(j, res)
+    stream = ligo_stream(op)
+    for i in range(large.layers):
+        built.clear()
+        stream(f"model.layers.{i}.self_attn.q_proj.weight")
+        assert len(built) == small.layers + 1, (i, built)
+    built.clear()
+    op.materialize()
+    assert len(built) == small.layers + large.layers  # the widening once, then one per noisy layer

@@ -199,18 +199,25 @@ class LiGO(nn.Module):
                  for s in self.layer_names}
         return add_identity(layer, ident, l)
 
-    def broken(self, key: str, t: torch.Tensor, res: Optional[DenseMap] = None) -> torch.Tensor:
-        """Large tensor `key` with `symmetry_noise` (see the module doc); unchanged without it.
-        Applied to the model written out, never inside the fit."""
+    def broken_global(self, glob: dict) -> dict:
+        """The large model's global tensors with `symmetry_noise` (see the module doc); unchanged
+        without it. Applied to the model written out, never inside the fit."""
         if not self.symmetry_noise:
-            return t
-        ref = None
-        if key.startswith("layers."):
-            l, s = key.split(".", 2)[1:]
-            j = self.source[int(l)]
-            ref = apply_roles(self.small_layer(j)[s], LAYER_ROLES[s], self.layer_maps(j, res or self.res_map()),
-                              self.head_tied)
-        return break_symmetry(key, t, self.copy_maps, self.symmetry_noise, self.seed, ref=ref)
+            return glob
+        return {k: break_symmetry(k, t, self.copy_maps, self.symmetry_noise, self.seed) for k, t in glob.items()}
+
+    def broken_layer(self, l: int, layer: dict, res: Optional[DenseMap] = None) -> dict:
+        """Large layer `l`'s tensors with `symmetry_noise`, each noised at the scale of the small
+        tensor it was copied from. The source layer's maps are built once per layer (with pinv tying
+        each builds a solve), not once per tensor. Each tensor's noise comes from its own generator
+        (seed, key), so the result does not depend on the order tensors are visited."""
+        if not self.symmetry_noise:
+            return layer
+        j = self.source[l]
+        small, maps = self.small_layer(j), self.layer_maps(j, res or self.res_map())
+        return {s: break_symmetry(f"layers.{l}.{s}", t, self.copy_maps, self.symmetry_noise, self.seed,
+                                  ref=apply_roles(small[s], LAYER_ROLES[s], maps, self.head_tied))
+                for s, t in layer.items()}
 
     def forward(self) -> dict:
         """The whole large canonical dict."""
@@ -224,7 +231,10 @@ class LiGO(nn.Module):
         """Detached large canonical dict (fresh tensors): the operator is applied once and can be
         discarded."""
         res = self.res_map()
-        return {k: self.broken(k, t, res).contiguous() for k, t in self().items()}
+        widened = self.widened_layers(res)
+        big = [self.broken_layer(l, self.large_layer(widened, l), res) for l in range(self.large.layers)]
+        out = join_layers(big, self.broken_global(self.global_weights(res)), canonical_keys(self.large))
+        return {k: t.contiguous() for k, t in out.items()}
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

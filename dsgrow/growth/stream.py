@@ -97,12 +97,12 @@ def ligo_stream(op) -> LayerStream:
     """The large model a fitted LiGO operator makes, one large layer at a time."""
     with torch.no_grad():
         res = op.res_map()
-        glob = {k: op.broken(k, t.detach(), res) for k, t in op.global_weights(res).items()}
+        glob = op.broken_global({k: t.detach() for k, t in op.global_weights(res).items()})
 
     def make(i: int) -> dict:
         with torch.no_grad():
             layer = op.streamed_layer(i, res)
-            return _contiguous({s: op.broken(f"layers.{i}.{s}", t, res) for s, t in layer.items()})
+            return _contiguous(op.broken_layer(i, layer, res))
 
     return LayerStream(op.large, glob, make)
 
