@@ -134,7 +134,7 @@ def markdown(name: str, summary: list[dict], replaced: list[dict], sources: list
     return "\n".join(lines) + "\n"
 
 
-def plot(name: str, summary: list[dict], points: list[dict], path: Path) -> None:
+def plot(name: str, summary: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"horizon_trend-{name}.json").write_text(json.dumps(
         {"name": name, "recipe": recipe, "sources": [Path(r).name for r in a.results], "summary": summary,
          "points": points, "replaced": replaced}, indent=1))
-    plot(name, summary, points, out / f"horizon_trend-{name}.png")
+    plot(name, summary, out / f"horizon_trend-{name}.png")
     print(md)
     return 0
 
